@@ -1,0 +1,54 @@
+# nqgen: `make demo` and `make test` work on a fresh Debian 12 machine as root; they install what they need.
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NQGEN := $(VENV)/bin/nqgen
+OUT ?= out
+LAB_ARGS ?=
+
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean
+
+all: test
+
+deps: $(VENV)/.installed
+	@scripts/install-deps
+
+# The virtual environment is rebuilt when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	@scripts/install-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Generate every strategy for the installed Debian kernel, build the modules, run them in the VM.
+demo: deps
+	krel=$$(scripts/debian-kernel) && \
+	$(NQGEN) --strategy all --kdir /lib/modules/$$krel/build --out $(OUT) && \
+	$(MAKE) -C $(OUT) NQGEN="$(abspath $(NQGEN))" && \
+	$(NQGEN) lab --out $(OUT) $(LAB_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check generator tests
+	$(VENV)/bin/mypy
+
+unit: deps
+	$(PY) -m pytest -q -m 'not vm and not repro' tests
+
+test: deps lint
+	$(PY) -m pytest -q tests
+
+bench: deps
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+repro-kernel: deps
+	$(PY) -m nqgen.reprokernel
+
+repro: repro-kernel
+	$(PY) -m nqgen.repro --out $(OUT)-repro
+
+clean:
+	rm -rf $(OUT) $(OUT)-repro .pytest_cache .mypy_cache .ruff_cache

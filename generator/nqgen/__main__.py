@@ -1,0 +1,5 @@
+"""``python -m nqgen``: the same as the ``nqgen`` command."""
+
+from .cli import main
+
+main()
