@@ -1,0 +1,79 @@
+"""The template context: the profile facts a template may use, flattened for Jinja.
+
+Templates see ``cookiecutter.target``; every key they may read is built here, so a template that reads
+anything else fails the render (cookiecutter renders with StrictUndefined).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .profile import HOOK_NAMES, KernelProfile
+
+_PF = {"ipv4": "NFPROTO_IPV4", "ipv6": "NFPROTO_IPV6"}
+
+
+def module_name(strategy: str) -> str:
+    """The kernel module name for a strategy: ``nq_`` plus the strategy with underscores."""
+    return "nq_" + strategy.replace("-", "_")
+
+
+def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
+    """The ``target`` dict of the cookiecutter context for one kernel profile."""
+    f = profile.features
+    families: list[dict[str, Any]] = []
+    for fam in ("ipv4", "ipv6"):
+        t = profile.confirm.get(fam)
+        if t is None:
+            continue
+        families.append(
+            {
+                "family": fam,
+                "pf": _PF[fam],
+                "function": t.function,
+                "module": t.module,
+                "exported": t.exported,
+                "anchor": t.anchor or "",
+                "delta": str(t.delta if t.delta is not None else 0),
+                "hooks": [
+                    {"hooknum": "NF_INET_" + HOOK_NAMES.get(h.hooknum, str(h.hooknum)), "priority": str(h.priority)}
+                    for h in t.hooks
+                    if h.hook == t.function
+                ],
+            }
+        )
+    ipv4 = profile.confirm.get("ipv4")
+    return {
+        "release": profile.release,
+        "kdir": kdir,
+        "generation": f.confirm_generation,
+        "hookfn_form": f.hookfn_form,
+        "registration": f.registration,
+        "ops_has_owner": f.ops_has_owner,
+        "skb_nfct_accessor": f.skb_nfct_accessor,
+        "skb_nfct_field": f.skb_nfct_field,
+        "has_nf_ct_is_untracked": f.has_nf_ct_is_untracked,
+        "hook_storage": f.hook_storage,
+        "nf_stop_honoured": f.nf_stop_honoured,
+        "ftrace_regs_form": f.ftrace_regs_form,
+        "ftrace_set_ip": f.ftrace_set_ip,
+        "ftrace_recursion_flag": f.ftrace_recursion_flag,
+        "livepatch_api": f.livepatch_api,
+        "has_ecache_exist": f.has_ecache_exist,
+        "confirm_has_vrf_check": f.confirm_has_vrf_check,
+        "fix_present": f.fix_present,
+        "kallsyms_lookup_name_exported": f.kallsyms_lookup_name_exported,
+        "nf_confirm_exported": f.nf_confirm_exported,
+        "resolve": "kallsyms" if f.kallsyms_lookup_name_exported else "anchor",
+        "confirm_module": ipv4.module if ipv4 else profile.module.name,
+        "families": families,
+    }
+
+
+def cookiecutter_context(profile: KernelProfile, strategy: str, kdir: str) -> dict[str, Any]:
+    """The extra_context passed to cookiecutter for one strategy."""
+    return {
+        "module_name": module_name(strategy),
+        "strategy": strategy,
+        "target": template_target(profile, kdir),
+    }

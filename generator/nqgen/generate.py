@@ -1,0 +1,83 @@
+"""Generation: decide feasibility, render every feasible strategy, and write ``out/`` in one piece."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, compare
+from .context import cookiecutter_context, module_name
+from .errors import NotApplicableError
+from .profile import KernelProfile
+from .render import render_out_makefile, render_strategy, staged_output
+from .strategies import STRATEGIES, Feasibility, by_name
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    out: Path
+    generated: tuple[str, ...]
+    skipped: dict[str, str]  # strategy -> reason
+
+
+def decide(profile: KernelProfile, names: Sequence[str]) -> dict[str, Feasibility]:
+    return {n: by_name(n).check(profile) for n in names}
+
+
+def expand(strategy: str) -> tuple[str, ...]:
+    return tuple(s.name for s in STRATEGIES) if strategy == "all" else (strategy,)
+
+
+def generate(
+    profile: KernelProfile,
+    strategy: str,
+    out: Path,
+    kdir: str,
+    argv: Sequence[str] = (),
+    say: Callable[[str], None] = lambda _msg: None,
+) -> GenerationResult:
+    """Render the strategy (or all of them) for the profile into ``out``, replacing it only on success."""
+    names = expand(strategy)
+    decisions = decide(profile, names)
+    if strategy != "all" and not decisions[strategy].feasible:
+        raise NotApplicableError(f"{strategy} cannot work on {profile.release}: {decisions[strategy].reason}")
+    feasible = [n for n in names if decisions[n].feasible]
+    skipped = {n: d.reason for n, d in decisions.items() if not d.feasible}
+    for n, reason in skipped.items():
+        say(f"skipping {n}: {reason}")
+    if not feasible:
+        raise NotApplicableError(f"no strategy can work on {profile.release}")
+    with staged_output(out) as stage:
+        for n in feasible:
+            render_strategy(n, cookiecutter_context(profile, n, kdir), stage)
+            say(f"generated {out / n} ({module_name(n)}.ko): {decisions[n].reason}")
+        render_out_makefile(
+            {
+                "dirname": "out",
+                "kdir": kdir,
+                "strategies": " ".join(feasible),
+                "nqgen": f"{sys.executable} -m nqgen",
+            },
+            stage,
+        )
+        (stage / "profile.json").write_text(profile.to_json() + "\n")
+        (stage / "target-exports.txt").write_text("\n".join(sorted(profile.exports)) + "\n")
+        inputs = {
+            "nqgen_version": __version__,
+            "command": shlex.join(["nqgen", *argv]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "release": profile.release,
+            "kdir": kdir,
+            "strategy": strategy,
+            "generated": feasible,
+            "skipped": skipped,
+            "sources": profile.sources,
+        }
+        (stage / "inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
+        compare.write_static(stage, profile, decisions)
+    return GenerationResult(out=out, generated=tuple(feasible), skipped=skipped)

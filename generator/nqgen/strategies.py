@@ -1,0 +1,261 @@
+"""The mitigation strategies: what each one needs from the kernel, and what it does to it.
+
+A strategy first decides from the profile whether it can work on the target; the answer carries the reason
+in one line. The descriptive fields feed ``out/COMPARISON.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .profile import KernelProfile
+
+
+@dataclass(frozen=True)
+class Feasibility:
+    feasible: bool
+    reason: str  # one line: why not, or what it will use
+    covers: tuple[str, ...] = ()  # families ("ipv4", "ipv6") whose confirm path is protected
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    summary: str
+    touches: str  # what it changes in the running kernel
+    needs: str  # config and exports it relies on
+    undo: str  # how unloading restores the kernel
+    risks: tuple[str, ...]
+    check: Callable[[KernelProfile], Feasibility] = field(repr=False, compare=False)
+
+
+CONFIRM_EXPORTS = ("__nf_conntrack_confirm", "nf_ct_deliver_cached_events")
+
+
+def _missing_exports(profile: KernelProfile, names: tuple[str, ...]) -> list[str]:
+    """Names not exported by the target; empty when the export list is unknown (no Module.symvers)."""
+    if "symvers" not in profile.sources:
+        return []
+    return [n for n in names if n not in profile.exports]
+
+
+def _resolvable(profile: KernelProfile, family: str) -> str | None:
+    """How a module finds the family's confirm function, or None when it cannot."""
+    target = profile.confirm.get(family)
+    if target is None:
+        return None
+    if target.exported:
+        return "exported"
+    if target.anchor is not None:
+        return "anchor"
+    if profile.features.kallsyms_lookup_name_exported:
+        return "kallsyms"
+    return None
+
+
+def _families(profile: KernelProfile) -> tuple[str, ...]:
+    return tuple(f for f in ("ipv4", "ipv6") if _resolvable(profile, f) is not None)
+
+
+def _base_check(profile: KernelProfile, extra_exports: tuple[str, ...] = ()) -> Feasibility | None:
+    """Checks shared by every strategy; a Feasibility when something blocks, else None."""
+    if profile.config.known and not profile.config.modules:
+        return Feasibility(False, "the kernel is built without loadable module support (CONFIG_MODULES)")
+    if "ipv4" not in profile.confirm:
+        return Feasibility(False, f"no IPv4 confirm function found in {profile.module.name}")
+    missing = _missing_exports(profile, CONFIRM_EXPORTS + extra_exports)
+    if missing:
+        return Feasibility(False, "the kernel does not export " + ", ".join(missing))
+    return None
+
+
+def _where(profile: KernelProfile, families: tuple[str, ...]) -> str:
+    parts = []
+    for fam in families:
+        t = profile.confirm[fam]
+        how = _resolvable(profile, fam)
+        if how == "anchor" and t.delta is not None:
+            parts.append(f"{t.function} = {t.anchor} {t.delta:+#x} (checked with sprint_symbol at load)")
+        else:
+            parts.append(f"{t.function} ({how})")
+    return "; ".join(parts)
+
+
+def _check_advance(profile: KernelProfile) -> Feasibility:
+    blocked = _base_check(profile)
+    if blocked:
+        return blocked
+    if _resolvable(profile, "ipv4") is None:
+        return Feasibility(
+            False, "ipv4 confirm is not exported, has no exported anchor, and kallsyms_lookup_name is unexported"
+        )
+    return Feasibility(True, "calls the kernel's own " + _where(profile, ("ipv4",)), covers=())
+
+
+def _check_advance_corrected(profile: KernelProfile) -> Feasibility:
+    blocked = _base_check(profile, ("nf_ct_seq_adjust",))
+    if blocked:
+        return blocked
+    return Feasibility(
+        True,
+        "uses only exported symbols (__nf_conntrack_confirm, nf_ct_deliver_cached_events)",
+        covers=("ipv4",),
+        notes=("only queued UDP entries without a helper or sequence adjustment take the corrected path",),
+    )
+
+
+def _check_ftrace(profile: KernelProfile) -> Feasibility:
+    blocked = _base_check(profile, ("register_ftrace_function", "ftrace_set_filter_ip", "unregister_ftrace_function"))
+    if blocked:
+        return blocked
+    cfg = profile.config
+    if cfg.known and not cfg.ftrace_with_regs:
+        return Feasibility(False, "CONFIG_DYNAMIC_FTRACE_WITH_REGS is not set: ftrace cannot change the return path")
+    families = _families(profile)
+    if "ipv4" not in families:
+        return Feasibility(False, "cannot find the address of the ipv4 confirm function without kallsyms")
+    untraceable = [profile.confirm[f].function for f in families if not profile.confirm[f].traceable]
+    if untraceable:
+        return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
+    return Feasibility(True, "redirects " + _where(profile, families), covers=families)
+
+
+def _check_hook_swap(profile: KernelProfile) -> Feasibility:
+    extra: tuple[str, ...] = ("nf_hooks",) if profile.features.hook_storage == "list" else ()
+    blocked = _base_check(profile, extra)
+    if blocked:
+        return blocked
+    families = _families(profile)
+    if "ipv4" not in families:
+        return Feasibility(False, "cannot find the address of the ipv4 confirm function to recognise its hook entry")
+    if not profile.confirm["ipv4"].hooks:
+        return Feasibility(False, "no hook entry registering the ipv4 confirm function was found in the ops array")
+    return Feasibility(True, "swaps the hook entries of " + _where(profile, families), covers=families)
+
+
+def _check_stop_hook(profile: KernelProfile) -> Feasibility:
+    reg = "nf_register_net_hooks" if profile.features.registration == "pernet" else "nf_register_hooks"
+    blocked = _base_check(profile, (reg, "nf_ct_seq_adjust"))
+    if blocked:
+        return blocked
+    notes: tuple[str, ...] = ()
+    if profile.features.nf_stop_honoured:
+        reason = "NF_STOP is honoured: the original confirm never runs"
+    else:
+        reason = "NF_STOP is not honoured here: pre-confirms and returns NF_ACCEPT"
+        notes = ("entries with a helper or sequence adjustment are left to the original confirm",)
+    return Feasibility(True, reason, covers=("ipv4", "ipv6") if "ipv6" in profile.confirm else ("ipv4",), notes=notes)
+
+
+def _check_livepatch(profile: KernelProfile) -> Feasibility:
+    f = profile.features
+    if f.livepatch_api == "none":
+        return Feasibility(False, "the kernel has no livepatch API (CONFIG_LIVEPATCH or include/linux/livepatch.h)")
+    cfg = profile.config
+    if cfg.known and not cfg.livepatch:
+        return Feasibility(False, "CONFIG_LIVEPATCH is not set")
+    needed: tuple[str, ...] = ("klp_enable_patch",)
+    if f.livepatch_api == "register_enable":
+        needed += ("klp_register_patch", "klp_unregister_patch", "klp_disable_patch")
+    blocked = _base_check(profile, needed)
+    if blocked:
+        return blocked
+    families = tuple(f for f in ("ipv4", "ipv6") if f in profile.confirm)
+    untraceable = [profile.confirm[x].function for x in families if not profile.confirm[x].traceable]
+    if untraceable:
+        return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
+    names = ", ".join(profile.confirm[x].function for x in families)
+    return Feasibility(True, f"replaces {names} in object {profile.confirm['ipv4'].module}", covers=families)
+
+
+NAT_RISK = (
+    "confirming at NF_IP_PRI_FIRST precedes SNAT/MASQUERADE (100) and helpers (300): NAT cannot be set up on a "
+    "confirmed entry, so SNAT and helpers break for the queued flows"
+)
+IPMODIFY_RISK = (
+    "ftrace and livepatch both need exclusive IPMODIFY on the function: they cannot patch it at once "
+    "(nor can a kpatch already there); the second gets -EBUSY"
+)
+
+STRATEGIES: tuple[Strategy, ...] = (
+    Strategy(
+        name="advance-confirm",
+        summary="POST_ROUTING hook at NF_IP_PRI_FIRST: for UDP, call the kernel's own ipv4_confirm, then NFQUEUE",
+        touches="adds a netfilter hook in every netns; queues UDP to NFQUEUE",
+        needs="the address of ipv4_confirm (anchor+offset or kallsyms); NFQUEUE",
+        undo="unregisters its hooks (pernet) and waits for packets in flight",
+        risks=(
+            "still calls the unfixed confirm: racing CPUs still resolve clashes in the buggy inline (measured)",
+            NAT_RISK,
+            "does not cover ipv6_confirm, IPVS, openvswitch, act_ct or bridge callers of the inline",
+        ),
+        check=_check_advance,
+    ),
+    Strategy(
+        name="advance-confirm-corrected",
+        summary="advance-confirm calling nqgen's corrected confirm: no private symbol at all",
+        touches="adds a netfilter hook in every netns; queues UDP to NFQUEUE",
+        needs="exported __nf_conntrack_confirm and nf_ct_deliver_cached_events; NFQUEUE",
+        undo="unregisters its hooks (pernet) and waits for packets in flight",
+        risks=(
+            NAT_RISK,
+            "entries with a helper or sequence adjustment are left to the kernel's confirm (still vulnerable)",
+            "only queued UDP is covered; other traffic still uses the unfixed confirm",
+        ),
+        check=_check_advance_corrected,
+    ),
+    Strategy(
+        name="ftrace",
+        summary="redirect ipv4_confirm/ipv6_confirm to a corrected copy through ftrace",
+        touches="an ftrace_ops with IPMODIFY on the confirm functions",
+        needs="CONFIG_DYNAMIC_FTRACE_WITH_REGS; register_ftrace_function, ftrace_set_filter_ip; the addresses",
+        undo="unregister_ftrace_function, remove the filters; the original functions run again",
+        risks=(IPMODIFY_RISK, "the corrected copy re-implements the kernel's confirm: it must match that kernel"),
+        check=_check_ftrace,
+    ),
+    Strategy(
+        name="hook-swap",
+        summary="replace the hook function pointer registered for ipv4_confirm/ipv6_confirm, restore it on unload",
+        touches="writes the .hook of conntrack's registered hook entries in every netns",
+        needs="the confirm functions' addresses to recognise the entries",
+        undo="writes the original pointers back, synchronize_net(), re-checks that none of ours remain",
+        risks=(
+            "conntrack registers its hooks on demand: entries registered later run the original until the rescan",
+            "a registration that copies the entries while we restore could keep our pointer: restore re-checks",
+        ),
+        check=_check_hook_swap,
+    ),
+    Strategy(
+        name="stop-hook",
+        summary="corrected confirm registered at NF_IP_PRI_CONNTRACK_CONFIRM - 1",
+        touches="adds netfilter hooks just before conntrack's confirm in every netns",
+        needs="nf_register_net_hooks (or nf_register_hooks), exported confirm pieces",
+        undo="unregisters its hooks and waits for packets in flight",
+        risks=(
+            "where NF_STOP is not honoured the original confirm still runs after ours (on a confirmed entry)",
+            "where NF_STOP is not honoured, entries with helpers or sequence adjustment are left to the original",
+        ),
+        check=_check_stop_hook,
+    ),
+    Strategy(
+        name="livepatch",
+        summary="replace the confirm functions through the kernel's livepatch API",
+        touches="a livepatch on the confirm functions (ftrace IPMODIFY underneath)",
+        needs="CONFIG_LIVEPATCH, klp_enable_patch, traceable functions",
+        undo="disable through /sys/kernel/livepatch/<module>/enabled, wait for the transition, then rmmod",
+        risks=(IPMODIFY_RISK, "rmmod without disabling first is refused; the patch stays active until disabled"),
+        check=_check_livepatch,
+    ),
+)
+
+NAMES: tuple[str, ...] = tuple(s.name for s in STRATEGIES)
+DEFAULT = "advance-confirm"
+
+
+def by_name(name: str) -> Strategy:
+    for s in STRATEGIES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
