@@ -47,7 +47,12 @@ def _check_strategy(name: str) -> None:
     show_default=True,
     help=f"Mitigation to generate: {', '.join(NAMES)}, or all.",
 )
-@click.option("--kdir", type=_PATH, help="Target kernel build/headers tree (default /lib/modules/$(uname -r)/build).")
+@click.option(
+    "--kdir",
+    type=_PATH,
+    envvar="NQGEN_KDIR",
+    help="Target kernel build/headers tree (default $NQGEN_KDIR, else /lib/modules/$(uname -r)/build).",
+)
 @click.option(
     "--module",
     "modules",

@@ -151,11 +151,11 @@ def _check_stop_hook(profile: KernelProfile) -> Feasibility:
 
 def _check_livepatch(profile: KernelProfile) -> Feasibility:
     f = profile.features
-    if f.livepatch_api == "none":
-        return Feasibility(False, "the kernel has no livepatch API (CONFIG_LIVEPATCH or include/linux/livepatch.h)")
     cfg = profile.config
     if cfg.known and not cfg.livepatch:
         return Feasibility(False, "CONFIG_LIVEPATCH is not set")
+    if f.livepatch_api == "none":
+        return Feasibility(False, "the kernel has no livepatch API (include/linux/livepatch.h)")
     needed: tuple[str, ...] = ("klp_enable_patch",)
     if f.livepatch_api == "register_enable":
         needed += ("klp_register_patch", "klp_unregister_patch", "klp_disable_patch")
