@@ -1,0 +1,329 @@
+"""Text symbol sources of a target kernel: System.map, /proc/kallsyms, Module.symvers, .config, the release.
+
+Also :func:`read_capped`, which reads any input file (plain, xz, zstd or gzip) with a cap on its decompressed
+size, so a hostile or corrupt input cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import lzma
+import re
+import shutil
+import subprocess
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from nqgen.errors import InputError
+from nqgen.profile import ConfigFlags, Symbol
+
+MAX_DECOMPRESSED = 256 * 1024 * 1024
+_MAGIC = {b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zst", b"\x1f\x8b": "gz"}
+_SUFFIXES = {".xz": "xz", ".zst": "zst", ".gz": "gz"}
+_CHUNK = 1 << 20
+
+
+def read_capped(path: Path, cap: int = MAX_DECOMPRESSED) -> tuple[bytes, str | None]:
+    """The file's bytes, decompressed when it is xz/zstd/gzip (by magic), and the compression used."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(cap + 1)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    compression = next((kind for magic, kind in _MAGIC.items() if raw.startswith(magic)), None)
+    suffix_kind = _SUFFIXES.get(Path(path).suffix)
+    if suffix_kind and compression != suffix_kind:
+        raise InputError(f"{path}: named .{suffix_kind} but its content is not {suffix_kind}-compressed")
+    if compression is None:
+        if len(raw) > cap:
+            raise InputError(f"{path}: larger than {cap >> 20} MiB")
+        return raw, None
+    if len(raw) > cap:
+        raise InputError(f"{path}: compressed file larger than {cap >> 20} MiB")
+    try:
+        if compression == "xz":
+            out = lzma.LZMADecompressor().decompress(raw, max_length=cap + 1)
+        elif compression == "gz":
+            out = zlib.decompressobj(wbits=31).decompress(raw, cap + 1)
+        else:
+            out = _unzstd(raw, path, cap)
+    except (lzma.LZMAError, zlib.error, EOFError) as exc:
+        raise InputError(f"{path}: corrupt {compression} data: {exc}") from None
+    if len(out) > cap:
+        raise InputError(f"{path}: decompresses to more than {cap >> 20} MiB")
+    return out, compression
+
+
+def _unzstd(raw: bytes, path: Path, cap: int) -> bytes:
+    """zstd through the ``zstd`` command (the python module is not a dependency); at most cap+1 bytes."""
+    exe = shutil.which("zstd")
+    if exe is None:
+        raise InputError(f"{path}: zstd-compressed and no zstd command is installed")
+    with subprocess.Popen(
+        [exe, "-d", "-c", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(raw)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        chunks, total = [], 0
+        while total <= cap:
+            chunk = proc.stdout.read(min(_CHUNK, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > cap:
+            proc.kill()
+            proc.wait()
+            return b"".join(chunks)
+        rc = proc.wait()
+    if rc != 0:
+        raise InputError(f"{path}: corrupt zstd data (zstd exited {rc})")
+    return b"".join(chunks)
+
+
+def read_text(path: Path) -> str:
+    data, _ = read_capped(path)
+    return data.decode("utf-8", "replace")
+
+
+# --- System.map and /proc/kallsyms --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSymbol:
+    """One line of System.map or /proc/kallsyms: ``address type name [module]``."""
+
+    address: int
+    type: str  # nm letter: T/t text, D/d data, R/r rodata, B/b bss, W/w weak, ...
+    name: str
+    module: str | None  # "nf_conntrack" for a module symbol in kallsyms; None for vmlinux
+
+    @property
+    def exported_hint(self) -> bool:
+        """Upper case: a global symbol (not necessarily exported)."""
+        return self.type.isupper()
+
+    def to_symbol(self) -> Symbol:
+        kind = "FUNC" if self.type in "tT" else "OBJECT" if self.type in "dDbBrRvV" else "NOTYPE"
+        binding = "WEAK" if self.type in "wWvV" else "GLOBAL" if self.type.isupper() else "LOCAL"
+        return Symbol(self.name, "", self.address, 0, binding, kind)
+
+
+@dataclass(frozen=True)
+class SymbolList:
+    """A parsed System.map or kallsyms file."""
+
+    path: str
+    entries: tuple[TextSymbol, ...]
+
+    @property
+    def addresses_hidden(self) -> bool:
+        """kallsyms read without privilege shows every address as 0 (kptr_restrict)."""
+        return all(e.address == 0 for e in self.entries)
+
+    def lookup(self, name: str, module: str | None = None) -> tuple[TextSymbol, ...]:
+        """Every entry called ``name``; with ``module``, only that module's ("vmlinux" means no module)."""
+        want = None if module == "vmlinux" else module
+        return tuple(e for e in self.entries if e.name == name and (module is None or e.module == want))
+
+
+_SYMLINE = re.compile(r"^([0-9a-fA-F]+)\s+(\S)\s+(\S+)(?:\s+\[(\S+)\])?\s*$")
+DEBIAN_PLACEHOLDER = "The real System.map is in"
+
+
+def parse_symbol_list(path: Path) -> SymbolList:
+    """Parse System.map or /proc/kallsyms text; InputError on Debian's placeholder or malformed lines."""
+    text = read_text(path)
+    if DEBIAN_PLACEHOLDER in text[:300]:
+        raise InputError(f"{path}: Debian's placeholder; the real System.map is in the linux-image-*-dbg package")
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _SYMLINE.match(line)
+        if m is None:
+            raise InputError(f"{path}:{lineno}: not 'address type name [module]': {line[:80]!r}")
+        entries.append(TextSymbol(int(m[1], 16), m[2], m[3], m[4]))
+    if not entries:
+        raise InputError(f"{path}: no symbols")
+    return SymbolList(str(path), tuple(entries))
+
+
+def is_placeholder_system_map(path: Path) -> bool:
+    """True for Debian's one-line stand-in ('The real System.map is in the linux-image-<version>-dbg package')."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(300)
+    except OSError:
+        return False
+    return DEBIAN_PLACEHOLDER.encode() in head
+
+
+# --- Module.symvers ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SymversEntry:
+    """One exported symbol of Module.symvers."""
+
+    name: str
+    crc: int
+    module: str  # "vmlinux" or the module path without .ko ("net/netfilter/nf_conntrack")
+    export_type: str  # "EXPORT_SYMBOL", "EXPORT_SYMBOL_GPL", ... ("" in the old 3-column layout)
+    namespace: str
+
+
+def parse_symvers(path: Path) -> dict[str, SymversEntry]:
+    """Parse Module.symvers (plain or gzipped) in any of its layouts; a duplicated symbol is an InputError.
+
+    Layouts: ``crc sym module`` (old), ``crc sym module export`` (up to 5.3),
+    ``crc sym namespace module export`` (5.4-5.8), ``crc sym module export namespace`` (5.9+).
+    """
+    out: dict[str, SymversEntry] = {}
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        entry = _symvers_entry(cols)
+        if entry is None:
+            raise InputError(f"{path}:{lineno}: not a Module.symvers line: {line[:80]!r}")
+        if entry.name in out:
+            raise InputError(
+                f"{path}:{lineno}: {entry.name} exported twice ({out[entry.name].module} and {entry.module})"
+            )
+        out[entry.name] = entry
+    if not out:
+        raise InputError(f"{path}: no exported symbols")
+    return out
+
+
+def _symvers_entry(cols: list[str]) -> SymversEntry | None:
+    while len(cols) > 3 and cols[-1] == "" and not (len(cols) == 5 and cols[3].startswith("EXPORT_")):
+        cols = cols[:-1]
+    try:
+        crc = int(cols[0], 16)
+    except (ValueError, IndexError):
+        return None
+    if len(cols) == 3:
+        sym, module, export, ns = cols[1], cols[2], "", ""
+    elif len(cols) == 4 and cols[3].startswith("EXPORT_"):
+        sym, module, export, ns = cols[1], cols[2], cols[3], ""
+    elif len(cols) == 5 and cols[4].startswith("EXPORT_"):
+        sym, ns, module, export = cols[1], cols[2], cols[3], cols[4]
+    elif len(cols) == 5 and cols[3].startswith("EXPORT_"):
+        sym, module, export, ns = cols[1], cols[2], cols[3], cols[4]
+    else:
+        return None
+    if not sym or not module:
+        return None
+    return SymversEntry(sym, crc, module, export, ns)
+
+
+# --- .config -------------------------------------------------------------------------------------------------
+
+_CONFIG_LINE = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
+_UNSET_LINE = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set$")
+
+# ConfigFlags field -> the CONFIG_ option that decides it (true when =y or =m)
+CONFIG_OPTIONS = {
+    "ftrace_with_regs": "DYNAMIC_FTRACE_WITH_REGS",
+    "ftrace_with_args": "DYNAMIC_FTRACE_WITH_ARGS",
+    "kprobes": "KPROBES",
+    "livepatch": "LIVEPATCH",
+    "ct_events": "NF_CONNTRACK_EVENTS",
+    "ct_procfs": "NF_CONNTRACK_PROCFS",
+    "modules": "MODULES",
+    "module_sig_force": "MODULE_SIG_FORCE",
+    "x86_ibt": "X86_KERNEL_IBT",
+    "cfi_clang": "CFI_CLANG",
+    "kasan": "KASAN",
+}
+
+
+def parse_config(path: Path) -> dict[str, str]:
+    """Every option of a kernel .config (plain or gzipped, e.g. /proc/config.gz); unset ones map to "n"."""
+    values: dict[str, str] = {}
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        line = line.strip()
+        if m := _CONFIG_LINE.match(line):
+            values[m[1]] = m[2].strip('"')
+        elif m := _UNSET_LINE.match(line):
+            values[m[1]] = "n"
+        elif line and not line.startswith("#"):
+            raise InputError(f"{path}:{lineno}: not a kernel config line: {line[:80]!r}")
+    if not values:
+        raise InputError(f"{path}: no CONFIG_ options: not a kernel .config")
+    return values
+
+
+def config_flags(path: Path | None) -> ConfigFlags:
+    """The flags nqgen cares about; with no config every flag is False and ``known`` is False."""
+    if path is None:
+        return ConfigFlags(**{name: False for name in CONFIG_OPTIONS}, known=False)
+    values = parse_config(path)
+    return ConfigFlags(**{name: values.get(opt, "n") in ("y", "m") for name, opt in CONFIG_OPTIONS.items()},
+                       known=True)  # fmt: skip
+
+
+# --- kernel release of a headers tree ---------------------------------------------------------------------
+
+_UTS = re.compile(r'#define\s+UTS_RELEASE\s+"([^"]+)"')
+
+
+def kernel_release(kdir: Path) -> str:
+    """The release a headers/build tree was made for (what ``uname -r`` prints on that kernel).
+
+    ``include/generated/utsrelease.h`` comes first: it is UTS_RELEASE itself. Debian's headers put the upstream
+    version ("6.1.192") in ``include/config/kernel.release`` but "6.1.0-56-amd64" in UTS_RELEASE, and only the
+    latter names /lib/modules/<release>.
+    """
+    if not Path(kdir).is_dir():
+        raise InputError(f"{kdir}: no such kernel headers directory")
+    uts = Path(kdir) / "include/generated/utsrelease.h"
+    if uts.is_file():
+        m = _UTS.search(read_text(uts))
+        if m is None:
+            raise InputError(f"{uts}: no UTS_RELEASE definition")
+        return m[1]
+    rel = Path(kdir) / "include/config/kernel.release"
+    if rel.is_file():
+        text = read_text(rel).strip()
+        if not text or any(c.isspace() for c in text):
+            raise InputError(f"{rel}: not a kernel release string")
+        return text
+    raise InputError(f"{kdir}: neither include/generated/utsrelease.h nor include/config/kernel.release: "
+                     "not a prepared kernel tree")  # fmt: skip
+
+
+def release_version(release: str) -> tuple[int, int, int]:
+    """(major, minor, patch) from the start of a release string; informative only."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    if m is None:
+        raise InputError(f"release {release!r} does not start with a version number")
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+__all__ = [
+    "CONFIG_OPTIONS",
+    "MAX_DECOMPRESSED",
+    "SymbolList",
+    "SymversEntry",
+    "TextSymbol",
+    "config_flags",
+    "is_placeholder_system_map",
+    "kernel_release",
+    "parse_config",
+    "parse_symbol_list",
+    "parse_symvers",
+    "read_capped",
+    "read_text",
+    "release_version",
+]
