@@ -1,0 +1,818 @@
+"""Kernel API generation facts, read from the target's own headers and combined with its symbols.
+
+Each feature is decided by a precise parse of one declaration (comments stripped, the
+``__GENKSYMS__`` branches of RHEL 7 resolved to the real one), never from a version number; the
+few things headers cannot show (NF_STOP in ``nf_hook_slow``, the VRF check in ``ipv4_confirm``)
+come from the kernel source when the tree has it, else from the hook storage generation or the
+release, and their evidence line says so.
+
+Debian splits its headers: ``/lib/modules/<rel>/build`` holds ``.config``, ``Module.symvers`` and
+generated files, and its ``Makefile`` includes the common tree that holds ``include/``; both are
+searched. Results of the header scan are cached per tree in ``$XDG_CACHE_HOME/nqgen/``
+(``NQGEN_NO_CACHE=1`` bypasses the cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nqgen import errors
+from nqgen.profile import (
+    ConfigFlags,
+    ConfirmGeneration,
+    FtraceRecursion,
+    FtraceRegsForm,
+    FtraceSetIp,
+    HookFnForm,
+    HookStorage,
+    KernelFeatures,
+    LivepatchApi,
+    Registration,
+)
+
+CACHE_VERSION = 1
+
+NETFILTER_H = "include/linux/netfilter.h"
+SKBUFF_H = "include/linux/skbuff.h"
+FTRACE_H = "include/linux/ftrace.h"
+LIVEPATCH_H = "include/linux/livepatch.h"
+CT_CORE_H = "include/net/netfilter/nf_conntrack_core.h"
+CT_H = "include/net/netfilter/nf_conntrack.h"
+CT_ECACHE_H = "include/net/netfilter/nf_conntrack_ecache.h"
+NF_CORE_C = "net/netfilter/core.c"  # only in full source trees
+CT_PROTO_C = "net/netfilter/nf_conntrack_proto.c"  # only in full source trees
+CT_L3IPV4_C = "net/ipv4/netfilter/nf_conntrack_l3proto_ipv4.c"  # only in full source trees
+MAKEFILE = "Makefile"
+
+# Searched in every root, in this order; the arch header is added per architecture.
+HEADER_FILES = (
+    NETFILTER_H,
+    SKBUFF_H,
+    FTRACE_H,
+    LIVEPATCH_H,
+    CT_CORE_H,
+    CT_H,
+    CT_ECACHE_H,
+    NF_CORE_C,
+    CT_PROTO_C,
+    CT_L3IPV4_C,
+    MAKEFILE,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# C text helpers
+
+
+_COMMENT_OR_LITERAL = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+_DIRECTIVE = re.compile(r"^\s*#\s*(ifdef|ifndef|if|elif|else|endif)\b(.*)$")
+_GENKSYMS_IF = re.compile(r"^\s*(!?)\s*defined\s*\(?\s*__GENKSYMS__\s*\)?\s*$")
+
+
+def strip_comments(text: str) -> str:
+    """Remove C comments (keeping line structure) and join backslash-continued lines."""
+
+    def repl(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token.startswith("//"):
+            return ""
+        if token.startswith("/*"):
+            return " " + "\n" * token.count("\n")
+        return token
+
+    return _COMMENT_OR_LITERAL.sub(repl, text).replace("\\\n", " ")
+
+
+def resolve_genksyms(text: str) -> str:
+    """Keep only the real (non-``__GENKSYMS__``) branch of every conditional on ``__GENKSYMS__``.
+
+    RHEL 7 writes new declarations as ``#ifndef __GENKSYMS__ <new> #else <old, for the kABI
+    checksum> #endif``; the compiler sees the first branch. Other conditionals are left as they are.
+    """
+    out: list[str] = []
+    # Stack entries: None for an ordinary conditional, else True/False = "this branch is kept".
+    stack: list[bool | None] = []
+    for line in text.split("\n"):
+        m = _DIRECTIVE.match(line)
+        if m:
+            kind, arg = m.group(1), m.group(2).strip()
+            if kind in ("ifdef", "ifndef", "if"):
+                keep: bool | None = None
+                if kind in ("ifdef", "ifndef") and arg == "__GENKSYMS__":
+                    keep = kind == "ifndef"
+                elif kind == "if":
+                    gm = _GENKSYMS_IF.match(arg)
+                    if gm:
+                        keep = gm.group(1) == "!"
+                stack.append(keep)
+                if keep is not None:
+                    continue
+            elif kind in ("else", "elif") and stack and stack[-1] is not None:
+                stack[-1] = not stack[-1]
+                continue
+            elif kind == "endif" and stack and stack.pop() is not None:
+                continue
+        if all(frame is not False for frame in stack):
+            out.append(line)
+    return "\n".join(out)
+
+
+def clean_source(text: str) -> str:
+    return resolve_genksyms(strip_comments(text))
+
+
+def balanced(text: str, open_index: int) -> str | None:
+    """The text between the bracket at ``open_index`` and its matching close bracket."""
+    opener = text[open_index]
+    closer = {"(": ")", "{": "}", "[": "]"}[opener]
+    depth = 0
+    for i in range(open_index, len(text)):
+        c = text[i]
+        if c == opener:
+            depth += 1
+        elif c == closer:
+            depth -= 1
+            if depth == 0:
+                return text[open_index + 1 : i]
+    return None
+
+
+def split_params(params: str) -> list[str]:
+    """Split a parameter list at top-level commas, normalising whitespace."""
+    parts: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for c in params:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    parts.append("".join(current))
+    return [" ".join(p.split()) for p in parts if p.strip()]
+
+
+def find_params(text: str, pattern: str) -> list[str] | None:
+    """Parameters of the first declaration whose name part matches ``pattern`` followed by ``(``."""
+    m = re.search(pattern + r"\s*\(", text)
+    if not m:
+        return None
+    body = balanced(text, m.end() - 1)
+    return None if body is None else split_params(body)
+
+
+def find_body(text: str, pattern: str) -> str | None:
+    """Body of the first struct or function whose head matches ``pattern`` followed by ``{``."""
+    m = re.search(pattern + r"\s*\{", text)
+    if not m:
+        return None
+    return balanced(text, m.end() - 1)
+
+
+def compact(params: list[str]) -> str:
+    return ", ".join(params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating the headers
+
+
+@dataclass(frozen=True)
+class HeaderTree:
+    """A headers/build tree: ``kdir`` plus the source trees it points to (Debian's ``-common``)."""
+
+    kdir: Path
+    roots: tuple[Path, ...]  # kdir first, then source trees found through Makefile / source link
+    arch: str  # "x86", "arm64", ...
+
+    def find(self, rel: str) -> Path | None:
+        for root in self.roots:
+            path = root / rel
+            if path.is_file():
+                return path
+        return None
+
+    def read(self, rel: str) -> str | None:
+        path = self.find(rel)
+        if path is None:
+            return None
+        try:
+            return clean_source(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError as exc:
+            raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+
+    def relpath(self, rel: str) -> str:
+        """``rel`` as found, for evidence lines (the root is named when it is not kdir)."""
+        path = self.find(rel)
+        if path is None or path.parent == self.kdir or self.roots[0] in path.parents:
+            return rel
+        return str(path)
+
+    def files(self) -> list[str]:
+        return [*HEADER_FILES, self.arch_ftrace_h]
+
+    @property
+    def arch_ftrace_h(self) -> str:
+        return f"arch/{self.arch}/include/asm/ftrace.h"
+
+
+_MAKEFILE_INCLUDE = re.compile(r"^\s*-?include\s+(\S+)/Makefile\s*$", re.M)
+_ARCH_BY_CONFIG = (
+    ("CONFIG_X86", "x86"),
+    ("CONFIG_ARM64", "arm64"),
+    ("CONFIG_S390", "s390"),
+    ("CONFIG_PPC", "powerpc"),
+    ("CONFIG_RISCV", "riscv"),
+)
+
+
+def _source_roots(kdir: Path) -> list[Path]:
+    roots = [kdir]
+    candidates: list[Path] = []
+    makefile = kdir / MAKEFILE
+    if makefile.is_file():
+        try:
+            text = makefile.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        if not re.search(r"^VERSION\s*=", text, re.M):
+            candidates += [Path(m.group(1)) for m in _MAKEFILE_INCLUDE.finditer(text)]
+    candidates += [kdir / "source", kdir.parent / "source"]
+    for cand in candidates:
+        if not cand.is_absolute():
+            cand = kdir / cand
+        if cand.is_dir() and all(cand.resolve() != r.resolve() for r in roots):
+            roots.append(cand)
+    return roots
+
+
+def _arch(kdir: Path) -> str:
+    config = kdir / ".config"
+    try:
+        text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
+    except OSError:
+        text = ""
+    for option, arch in _ARCH_BY_CONFIG:
+        if re.search(rf"^{option}=y$", text, re.M):
+            return arch
+    return "x86"
+
+
+def locate(kdir: Path) -> HeaderTree:
+    """Find the tree holding ``include/linux/netfilter.h`` for ``kdir``; InputError when there is none."""
+    if not kdir.exists():
+        raise errors.InputError(f"headers directory {kdir} does not exist")
+    if not kdir.is_dir():
+        raise errors.InputError(f"headers directory {kdir} is not a directory")
+    tree = HeaderTree(kdir=kdir, roots=tuple(_source_roots(kdir)), arch=_arch(kdir))
+    if tree.find(NETFILTER_H) is None:
+        raise errors.InputError(f"no {NETFILTER_H} in headers directory {kdir} (nor in its source tree)")
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# What the headers say (cached per tree)
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """Raw facts parsed from one headers tree, each with the evidence line that justifies it."""
+
+    hookfn_form: str
+    hookfn_evidence: str
+    has_register_hook: bool  # global nf_register_hook() declared
+    has_register_net_hook: bool
+    ops_has_owner: bool
+    skb_nfct_accessor: bool
+    skb_nfct_field: str
+    has_nf_ct_is_untracked: bool
+    has_hook_entries: bool  # struct nf_hook_entries
+    has_hook_entry_list: bool  # struct nf_hook_entry (4.9-4.13 singly linked copies)
+    nf_stop_in_hook_slow: bool | None  # None: net/netfilter/core.c not in the tree
+    ftrace_regs_form: str
+    ftrace_func_evidence: str
+    has_regs_set_ip: bool  # ftrace_regs_set_instruction_pointer defined
+    has_pointer_set_arch: bool  # ftrace_instruction_pointer_set defined by the arch (not the no-op)
+    has_pointer_set_noop: bool  # only the generic no-op fallback of ftrace_instruction_pointer_set
+    recursion_flag: str | None
+    livepatch_header: bool
+    has_klp_register: bool
+    has_klp_enable: bool
+    has_ecache_exist: bool
+    nf_confirm_params: str | None  # None: not declared
+    confirm_inline_found: bool
+    fix_present: bool
+    fix_evidence: str
+    vrf_in_source: bool | None  # None: confirm source not in the tree
+    vrf_source: str
+    version: tuple[int, int, int] | None  # from the top Makefile
+    files: tuple[str, ...]  # relative paths actually read
+
+
+def _hookfn(text: str) -> tuple[str, str]:
+    params = find_params(text, r"typedef\s+unsigned\s+int\s+nf_hookfn")
+    if params is None:
+        raise errors.InputError(f"no nf_hookfn typedef in {NETFILTER_H}")
+    first, last = params[0], params[-1]
+    if "okfn" in last:
+        form = "okfn"
+    elif "nf_hook_state" in last and first.startswith("void"):
+        form = "priv_state"
+    elif "nf_hook_state" in last and "nf_hook_ops" in first:
+        form = "ops_state"
+    else:
+        raise errors.InputError(f"unrecognised nf_hookfn typedef in {NETFILTER_H}: ({compact(params)})")
+    return form, f"typedef nf_hookfn({compact(params)})"
+
+
+def _skb_field(text: str) -> str:
+    body = find_body(text, r"\bstruct\s+sk_buff") or ""
+    m = re.search(r"\b(_nfct|nfct)\s*;", body)
+    if m:
+        return m.group(1)
+    raise errors.InputError(f"no nfct field in struct sk_buff of {SKBUFF_H}")
+
+
+def _fix(core: str) -> tuple[bool, bool, str]:
+    """(inline found, fix present, evidence) from the inline nf_conntrack_confirm()."""
+    body = find_body(core, r"\bint\s+nf_conntrack_confirm\s*\(\s*struct\s+sk_buff\s*\*\s*\w+\s*\)")
+    if body is None:
+        return False, False, f"no inline nf_conntrack_confirm() in {CT_CORE_H}"
+    call = re.search(r"__nf_conntrack_confirm\s*\(", body)
+    if call is None:
+        return True, False, f"inline nf_conntrack_confirm() in {CT_CORE_H} does not call __nf_conntrack_confirm"
+    after = body[call.end() :]
+    refetch = re.search(
+        r"\bct\s*=\s*(?:\([^)]*\)\s*)?(?:skb_nfct\s*\(\s*\w+\s*\)|\w+\s*->\s*_?nfct\b|nf_ct_get\s*\()", after
+    )
+    if refetch:
+        stmt = " ".join(refetch.group(0).split())
+        return True, True, f"inline nf_conntrack_confirm() re-reads '{stmt}' after __nf_conntrack_confirm()"
+    return True, False, "inline nf_conntrack_confirm() keeps its ct after __nf_conntrack_confirm() (no re-read)"
+
+
+def _version(makefile: str | None) -> tuple[int, int, int] | None:
+    if makefile is None:
+        return None
+    parts = []
+    for key in ("VERSION", "PATCHLEVEL", "SUBLEVEL"):
+        m = re.search(rf"^{key}\s*=\s*(\d+)", makefile, re.M)
+        if not m:
+            return None
+        parts.append(int(m.group(1)))
+    return parts[0], parts[1], parts[2]
+
+
+def _tree_version(tree: HeaderTree) -> tuple[int, int, int] | None:
+    """Upstream base version from the first top Makefile that sets VERSION (Debian's build dir only includes)."""
+    for root in tree.roots:
+        path = root / MAKEFILE
+        if path.is_file():
+            try:
+                version = _version(path.read_text(encoding="utf-8", errors="replace"))
+            except OSError:
+                continue
+            if version is not None:
+                return version
+    return None
+
+
+def _vrf(tree: HeaderTree) -> tuple[bool | None, str]:
+    for rel in (CT_PROTO_C, CT_L3IPV4_C):
+        text = tree.read(rel)
+        if text is None:
+            continue
+        for name in ("ipv4_confirm", "nf_confirm"):
+            body = find_body(text, rf"\bunsigned\s+int\s+{name}\s*\(\s*void\s*\*\s*priv[^)]*\)")
+            if body is not None:
+                vrf = bool(re.search(r"\b(netif_is_l3_master|in_vrf_postrouting)\s*\(", body))
+                return vrf, f"{rel} {name}()"
+    return None, ""
+
+
+def scan(tree: HeaderTree) -> HeaderFacts:
+    """Parse every declaration that matters from ``tree``."""
+    netfilter = tree.read(NETFILTER_H) or ""
+    skbuff = tree.read(SKBUFF_H)
+    if skbuff is None:
+        raise errors.InputError(f"no {SKBUFF_H} in headers directory {tree.kdir}")
+    core = tree.read(CT_CORE_H)
+    if core is None:
+        raise errors.InputError(f"no {CT_CORE_H} in headers directory {tree.kdir}")
+    ct = tree.read(CT_H) or ""
+    ecache = tree.read(CT_ECACHE_H) or ""
+    ftrace = tree.read(FTRACE_H) or ""
+    arch_ftrace = tree.read(tree.arch_ftrace_h) or ""
+    livepatch = tree.read(LIVEPATCH_H)
+    nf_core_c = tree.read(NF_CORE_C)
+
+    form, hook_ev = _hookfn(netfilter)
+    ops_body = find_body(netfilter, r"\bstruct\s+nf_hook_ops")
+    if ops_body is None:
+        raise errors.InputError(f"no struct nf_hook_ops in {NETFILTER_H}")
+
+    ftrace_params = find_params(ftrace, r"typedef\s+void\s*\(\s*\*\s*ftrace_func_t\s*\)")
+    regs_form = "ftrace_regs" if ftrace_params and "struct ftrace_regs" in ftrace_params[-1] else "pt_regs"
+    ftrace_ev = f"typedef ftrace_func_t({compact(ftrace_params)})" if ftrace_params else "no ftrace_func_t"
+
+    set_ip_re = r"#\s*define\s+ftrace_instruction_pointer_set\s*\([^)]*\)\s*(.*)"
+    noop = any(
+        re.fullmatch(r"do\s*\{\s*\}\s*while\s*\(\s*0\s*\)", m.group(1).strip()) for m in re.finditer(set_ip_re, ftrace)
+    )
+    arch_set = bool(re.search(set_ip_re, arch_ftrace)) or bool(
+        re.search(r"\bftrace_instruction_pointer_set\s*\(\s*struct\s+ftrace_regs", arch_ftrace + ftrace)
+    )
+    regs_set_ip = bool(re.search(r"\bftrace_regs_set_instruction_pointer\b", ftrace + arch_ftrace))
+
+    if re.search(r"\bFTRACE_OPS_FL_RECURSION_SAFE\s*=", ftrace):
+        recursion: str | None = "RECURSION_SAFE"
+    elif re.search(r"\bFTRACE_OPS_FL_RECURSION\s*=", ftrace):
+        recursion = "RECURSION"
+    else:
+        recursion = None
+
+    nf_confirm = find_params(core, r"\bunsigned\s+int\s+nf_confirm")
+    inline_found, fix, fix_ev = _fix(core)
+
+    stop: bool | None = None
+    if nf_core_c is not None:
+        slow = find_body(nf_core_c, r"\bint\s+nf_hook_slow\s*\([^)]*\)")
+        stop = None if slow is None else bool(re.search(r"\bNF_STOP\b", slow))
+    vrf, vrf_src = _vrf(tree)
+
+    files = tuple(rel for rel in tree.files() if tree.find(rel) is not None)
+    return HeaderFacts(
+        hookfn_form=form,
+        hookfn_evidence=hook_ev,
+        has_register_hook=bool(re.search(r"\bint\s+nf_register_hook\s*\(", netfilter)),
+        has_register_net_hook=bool(re.search(r"\bint\s+nf_register_net_hook\s*\(", netfilter)),
+        ops_has_owner=bool(re.search(r"\bstruct\s+module\s*\*\s*owner\s*;", ops_body)),
+        skb_nfct_accessor=bool(re.search(r"\bskb_nfct\s*\(\s*const\s+struct\s+sk_buff\s*\*\s*\w+\s*\)\s*\{", skbuff)),
+        skb_nfct_field=_skb_field(skbuff),
+        has_nf_ct_is_untracked=bool(re.search(r"\bnf_ct_is_untracked\s*\([^)]*\)\s*\{", ct + core)),
+        has_hook_entries=find_body(netfilter, r"\bstruct\s+nf_hook_entries") is not None,
+        has_hook_entry_list=find_body(netfilter, r"\bstruct\s+nf_hook_entry") is not None,
+        nf_stop_in_hook_slow=stop,
+        ftrace_regs_form=regs_form,
+        ftrace_func_evidence=ftrace_ev,
+        has_regs_set_ip=regs_set_ip,
+        has_pointer_set_arch=arch_set,
+        has_pointer_set_noop=noop,
+        recursion_flag=recursion,
+        livepatch_header=livepatch is not None,
+        has_klp_register=livepatch is not None and bool(re.search(r"\bklp_register_patch\s*\(", livepatch)),
+        has_klp_enable=livepatch is not None and bool(re.search(r"\bklp_enable_patch\s*\(", livepatch)),
+        has_ecache_exist=bool(re.search(r"\bnf_ct_ecache_exist\s*\([^)]*\)\s*\{", ecache + ct)),
+        nf_confirm_params=None if nf_confirm is None else compact(nf_confirm),
+        confirm_inline_found=inline_found,
+        fix_present=fix,
+        fix_evidence=fix_ev,
+        vrf_in_source=vrf,
+        vrf_source=vrf_src,
+        version=_tree_version(tree),
+        files=files,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nqgen"
+
+
+def _cache_key(tree: HeaderTree) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}\0{tree.kdir.resolve()}".encode())
+    for rel in tree.files():
+        path = tree.find(rel)
+        if path is None:
+            h.update(f"\0{rel}:-".encode())
+            continue
+        st = path.stat()
+        h.update(f"\0{rel}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def _from_json(data: dict[str, Any]) -> HeaderFacts:
+    data = dict(data)
+    if data.get("version") is not None:
+        data["version"] = tuple(data["version"])
+    data["files"] = tuple(data["files"])
+    return HeaderFacts(**data)
+
+
+def scan_cached(tree: HeaderTree) -> HeaderFacts:
+    """``scan(tree)``, served from the per-tree cache when the headers read have not changed."""
+    if os.environ.get("NQGEN_NO_CACHE") == "1":
+        return scan(tree)
+    path = _cache_dir() / f"headers-{_cache_key(tree)}.json"
+    try:
+        return _from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    facts = scan(tree)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(facts)), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass  # a cache that cannot be written is only slower
+    return facts
+
+
+# --------------------------------------------------------------------------------------------------
+# Decisions
+
+
+class _Evidence:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, name: str, value: object, why: str) -> None:
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        self.lines.append(f"{name}={shown}: {why}")
+
+
+def _decide_from_headers(
+    facts: HeaderFacts,
+    tree: HeaderTree,
+    exports: frozenset[str],
+    module_symbols: frozenset[str],
+    config: ConfigFlags,
+) -> KernelFeatures:
+    ev = _Evidence()
+    nf = tree.relpath(NETFILTER_H)
+
+    hookfn: HookFnForm = facts.hookfn_form  # type: ignore[assignment]
+    ev.add("hookfn_form", hookfn, f"{nf} {facts.hookfn_evidence}")
+
+    registration: Registration
+    if facts.has_register_hook:
+        registration = "global"
+        why = f"{nf} declares nf_register_hook(ops)"
+        if facts.has_register_net_hook:
+            why += " (nf_register_net_hook(net, ops) also declared)"
+    elif facts.has_register_net_hook:
+        registration = "pernet"
+        why = f"{nf} declares only nf_register_net_hook(net, ops)"
+    else:
+        raise errors.InputError(f"neither nf_register_hook nor nf_register_net_hook declared in {nf}")
+    if exports:
+        wanted = "nf_register_hook" if registration == "global" else "nf_register_net_hook"
+        why += f"; {wanted} {'exported' if wanted in exports else 'NOT exported'}"
+    ev.add("registration", registration, why)
+
+    ev.add(
+        "ops_has_owner",
+        facts.ops_has_owner,
+        f"{nf} struct nf_hook_ops {'has' if facts.ops_has_owner else 'has no'} 'struct module *owner'",
+    )
+    skb = tree.relpath(SKBUFF_H)
+    ev.add(
+        "skb_nfct_accessor",
+        facts.skb_nfct_accessor,
+        f"{skb} {'defines' if facts.skb_nfct_accessor else 'has no'} skb_nfct(const struct sk_buff *)",
+    )
+    ev.add("skb_nfct_field", facts.skb_nfct_field, f"{skb} struct sk_buff field '{facts.skb_nfct_field}'")
+    ev.add(
+        "has_nf_ct_is_untracked",
+        facts.has_nf_ct_is_untracked,
+        f"{tree.relpath(CT_H)} {'defines' if facts.has_nf_ct_is_untracked else 'has no'} nf_ct_is_untracked()",
+    )
+
+    storage: HookStorage
+    if facts.has_hook_entries:
+        storage = "entries"
+        why = f"{nf} defines struct nf_hook_entries (per-netns arrays of copied hook/priv pairs)"
+    elif facts.has_hook_entry_list:
+        storage = "entries"
+        why = (
+            f"{nf} defines struct nf_hook_entry but not nf_hook_entries (4.9-4.13 linked copies): "
+            "registered ops are copied, so treated as entries"
+        )
+    else:
+        storage = "list"
+        why = f"{nf} has no struct nf_hook_entries: hooks are the registered nf_hook_ops on a list"
+    ev.add("hook_storage", storage, why)
+
+    if facts.nf_stop_in_hook_slow is not None:
+        stop = facts.nf_stop_in_hook_slow
+        why = f"{tree.relpath(NF_CORE_C)} nf_hook_slow() {'handles' if stop else 'does not handle'} NF_STOP"
+    else:
+        stop = storage == "list"
+        why = f"inferred from hook_storage={storage} (headers show only the uapi constant; kernel-compat.md: " + (
+            "list kernels treat ACCEPT||STOP alike in nf_hook_slow)"
+            if stop
+            else "nf_hook_entries kernels end nf_hook_slow in default: return 0 / WARN)"
+        )
+    ev.add("nf_stop_honoured", stop, why)
+
+    ft = tree.relpath(FTRACE_H)
+    regs_form: FtraceRegsForm = facts.ftrace_regs_form  # type: ignore[assignment]
+    ev.add("ftrace_regs_form", regs_form, f"{ft} {facts.ftrace_func_evidence}")
+    set_ip: FtraceSetIp
+    arch_h = tree.relpath(tree.arch_ftrace_h)
+    if regs_form == "pt_regs":
+        set_ip, why = "regs_ip", "pt_regs callback: set regs->ip"
+    elif facts.has_regs_set_ip:
+        set_ip, why = "ftrace_regs_set_instruction_pointer", f"{ft}/{arch_h} define ftrace_regs_set_instruction_pointer"
+    elif facts.has_pointer_set_arch and (config.ftrace_with_args or not config.known):
+        set_ip = "ftrace_instruction_pointer_set"
+        why = f"{arch_h} defines ftrace_instruction_pointer_set(fregs, ip)"
+    else:
+        set_ip = "regs_ip"
+        why = (
+            "ftrace_instruction_pointer_set is only the generic no-op without DYNAMIC_FTRACE_WITH_ARGS: "
+            "set ftrace_get_regs(fregs)->ip"
+        )
+    ev.add("ftrace_set_ip", set_ip, why)
+    if facts.recursion_flag is None:
+        raise errors.InputError(f"no FTRACE_OPS_FL_RECURSION(_SAFE) in {ft}")
+    recursion: FtraceRecursion = facts.recursion_flag  # type: ignore[assignment]
+    ev.add("ftrace_recursion_flag", recursion, f"{ft} enum defines FTRACE_OPS_FL_{recursion}")
+
+    lp = tree.relpath(LIVEPATCH_H)
+    livepatch: LivepatchApi
+    if config.known and not config.livepatch:
+        livepatch, why = "none", "CONFIG_LIVEPATCH is not set"
+    elif not facts.livepatch_header:
+        livepatch, why = "none", f"no {LIVEPATCH_H}"
+    elif facts.has_klp_register:
+        livepatch, why = "register_enable", f"{lp} declares klp_register_patch() and klp_enable_patch()"
+    elif facts.has_klp_enable:
+        livepatch, why = "enable", f"{lp} declares klp_enable_patch() only"
+    else:
+        livepatch, why = "none", f"{lp} declares neither klp_register_patch nor klp_enable_patch"
+    if livepatch != "none" and not config.known:
+        why += " (CONFIG_LIVEPATCH unknown: no .config)"
+    ev.add("livepatch_api", livepatch, why)
+
+    ev.add(
+        "has_ecache_exist",
+        facts.has_ecache_exist,
+        f"{tree.relpath(CT_ECACHE_H)} {'defines' if facts.has_ecache_exist else 'has no'} nf_ct_ecache_exist()",
+    )
+
+    core = tree.relpath(CT_CORE_H)
+    generation: ConfirmGeneration
+    params = facts.nf_confirm_params
+    if params is not None and params.startswith("void"):
+        generation, why = "G3", f"{core} declares nf_confirm({params}) (the hook itself)"
+    elif params is not None:
+        generation, why = "G2", f"{core} declares nf_confirm({params})"
+    else:
+        generation, why = "G1", f"{core} declares no nf_confirm()"
+    if module_symbols:
+        has_ipv4 = "ipv4_confirm" in module_symbols
+        why += f"; module {'has' if has_ipv4 else 'has no'} ipv4_confirm"
+        if (generation == "G3") == has_ipv4:
+            why += " (DISAGREES with the headers: check --kdir matches --module)"
+    ev.add("confirm_generation", generation, why)
+
+    if facts.vrf_in_source is not None:
+        vrf = facts.vrf_in_source
+        why = f"{facts.vrf_source} {'tests' if vrf else 'does not test'} netif_is_l3_master (VRF)"
+    elif facts.version is not None:
+        vrf = facts.version >= (6, 0, 0)
+        why = (
+            f"not visible in headers: inferred from Makefile version {'.'.join(map(str, facts.version))} "
+            f"({'>=' if vrf else '<'} 6.0, where ipv4_confirm gained the l3mdev check)"
+        )
+    else:
+        vrf, why = False, "guessed: not visible in headers and no Makefile version"
+    ev.add("confirm_has_vrf_check", vrf, why)
+
+    if not facts.confirm_inline_found:
+        raise errors.InputError(f"no inline nf_conntrack_confirm() in {core}")
+    ev.add("fix_present", facts.fix_present, f"{core} {facts.fix_evidence}")
+
+    kallsyms, nf_confirm_exp = _export_facts(ev, exports)
+    return KernelFeatures(
+        hookfn_form=hookfn,
+        registration=registration,
+        ops_has_owner=facts.ops_has_owner,
+        skb_nfct_accessor=facts.skb_nfct_accessor,
+        skb_nfct_field=facts.skb_nfct_field,
+        has_nf_ct_is_untracked=facts.has_nf_ct_is_untracked,
+        hook_storage=storage,
+        nf_stop_honoured=stop,
+        ftrace_regs_form=regs_form,
+        ftrace_set_ip=set_ip,
+        ftrace_recursion_flag=recursion,
+        livepatch_api=livepatch,
+        has_ecache_exist=facts.has_ecache_exist,
+        confirm_generation=generation,
+        confirm_has_vrf_check=vrf,
+        fix_present=facts.fix_present,
+        kallsyms_lookup_name_exported=kallsyms,
+        nf_confirm_exported=nf_confirm_exp,
+        evidence=tuple(ev.lines),
+    )
+
+
+def _export_facts(ev: _Evidence, exports: frozenset[str]) -> tuple[bool, bool]:
+    source = "exports (Module.symvers + module __ksymtab)" if exports else "no export list given"
+    kallsyms = "kallsyms_lookup_name" in exports
+    nf_confirm = "nf_confirm" in exports
+    ev.add("kallsyms_lookup_name_exported", kallsyms, f"{'in' if kallsyms else 'not in'} {source}")
+    ev.add("nf_confirm_exported", nf_confirm, f"{'in' if nf_confirm else 'not in'} {source}")
+    return kallsyms, nf_confirm
+
+
+def _decide_guessed(exports: frozenset[str], module_symbols: frozenset[str], config: ConfigFlags) -> KernelFeatures:
+    """No headers: decide what symbols can tell, and mark every line "guessed"."""
+    ev = _Evidence()
+    g = "guessed (no headers):"
+    legacy = "nf_register_hook" in exports or "need_ipv4_conntrack" in exports
+    registration: Registration = "global" if legacy else "pernet"
+    legacy_why = "RHEL 7-style exports (nf_register_hook/need_ipv4_conntrack)"
+    if not legacy:
+        legacy_why = "no nf_register_hook export"
+    ev.add("hookfn_form", "ops_state" if legacy else "priv_state", f"{g} {legacy_why}")
+    ev.add("registration", registration, f"{g} nf_register_hook {'exported' if legacy else 'not exported'}")
+    ev.add("ops_has_owner", legacy, f"{g} follows registration")
+    ev.add("skb_nfct_accessor", True, f"{g} skb_nfct() exists on every generation in kernel-compat.md")
+    ev.add("skb_nfct_field", "nfct" if legacy else "_nfct", f"{g} follows registration")
+    ev.add("has_nf_ct_is_untracked", legacy, f"{g} follows registration")
+    storage: HookStorage = "list" if legacy else "entries"
+    ev.add("hook_storage", storage, f"{g} follows registration")
+    ev.add("nf_stop_honoured", legacy, f"{g} follows hook_storage={storage}")
+    old_ftrace = "kallsyms_lookup_name" in exports  # exported until 5.6; ftrace_regs came in 5.11
+    regs_form: FtraceRegsForm = "pt_regs" if old_ftrace else "ftrace_regs"
+    set_ip: FtraceSetIp = "regs_ip" if old_ftrace else "ftrace_instruction_pointer_set"
+    recursion: FtraceRecursion = "RECURSION_SAFE" if old_ftrace else "RECURSION"
+    why = f"{g} kallsyms_lookup_name {'exported (<5.7)' if old_ftrace else 'not exported (>=5.7; assumed >=5.11)'}"
+    ev.add("ftrace_regs_form", regs_form, why)
+    ev.add("ftrace_set_ip", set_ip, why)
+    ev.add("ftrace_recursion_flag", recursion, why)
+    livepatch: LivepatchApi
+    if config.known and not config.livepatch:
+        livepatch = "none"
+    elif "klp_register_patch" in exports:
+        livepatch = "register_enable"
+    elif "klp_enable_patch" in exports:
+        livepatch = "enable"
+    else:
+        livepatch = "none"
+    ev.add("livepatch_api", livepatch, f"{g} from klp_* exports and CONFIG_LIVEPATCH")
+    generation: ConfirmGeneration
+    if "ipv4_confirm" not in module_symbols and "nf_confirm" in module_symbols | exports:
+        generation = "G3"
+    elif "nf_confirm" in module_symbols | exports:
+        generation = "G2"
+    else:
+        generation = "G1"
+    ev.add("confirm_generation", generation, f"{g} from ipv4_confirm/nf_confirm in the module symbols and exports")
+    ev.add("has_ecache_exist", generation == "G3", f"{g} true only for G3 (6.2+)")
+    ev.add("confirm_has_vrf_check", generation == "G3", f"{g} true only for G3 (6.2+)")
+    ev.add("fix_present", generation == "G3", f"{g} every G3 (6.2+) kernel is fixed; older ones assumed not")
+    kallsyms, nf_confirm_exp = _export_facts(ev, exports)
+    return KernelFeatures(
+        hookfn_form="ops_state" if legacy else "priv_state",
+        registration=registration,
+        ops_has_owner=legacy,
+        skb_nfct_accessor=True,
+        skb_nfct_field="nfct" if legacy else "_nfct",
+        has_nf_ct_is_untracked=legacy,
+        hook_storage=storage,
+        nf_stop_honoured=legacy,
+        ftrace_regs_form=regs_form,
+        ftrace_set_ip=set_ip,
+        ftrace_recursion_flag=recursion,
+        livepatch_api=livepatch,
+        has_ecache_exist=generation == "G3",
+        confirm_generation=generation,
+        confirm_has_vrf_check=generation == "G3",
+        fix_present=generation == "G3",
+        kallsyms_lookup_name_exported=kallsyms,
+        nf_confirm_exported=nf_confirm_exp,
+        evidence=tuple(ev.lines),
+    )
+
+
+def probe_features(
+    kdir: Path | None, *, exports: frozenset[str], module_symbols: frozenset[str], config: ConfigFlags
+) -> KernelFeatures:
+    """Decide every API generation fact for the target from its headers (``kdir``) and symbols.
+
+    Raises ``errors.InputError`` when ``kdir`` does not exist or holds no usable headers.
+    """
+    if kdir is None:
+        return _decide_guessed(exports, module_symbols, config)
+    tree = locate(kdir)
+    facts = scan_cached(tree)
+    return _decide_from_headers(facts, tree, exports, module_symbols, config)
