@@ -11,13 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from nqgen import reprokernel
-from nqgen.errors import InputError
+from nqgen.errors import BuildError, InputError
 from nqgen.reprokernel import (
     FRAGMENT_FILE,
     PATCH_FILE,
     SOURCE_TARBALL,
     Inputs,
     ReproKernel,
+    ensure_built,
     find_built,
     load_inputs,
     merge_config,
@@ -98,6 +99,19 @@ def test_an_unfinished_build_is_not_taken_as_done(tmp_path: Path) -> None:
     assert found.release == "6.1.192-nqgen-repro"
     assert found.modules_dir == cache / inputs.key / "modules/lib/modules/6.1.192-nqgen-repro"
     assert found.kdir == cache / inputs.key / "build"
+
+
+def test_a_failed_build_is_reported_and_not_cached(tmp_path: Path) -> None:
+    inputs = _inputs(tmp_path)  # its tarball is not an xz archive: extraction fails at once
+    cache = tmp_path / "cache"
+    with pytest.raises(BuildError, match="extract source failed"):
+        ensure_built(cache, inputs=inputs)
+    assert find_built(cache, inputs=inputs) is None
+    assert not (cache / inputs.key).exists()
+    log = cache / f"{inputs.key}.tmp" / "build.log"
+    assert "tar -xJf" in log.read_text()
+    with pytest.raises(BuildError, match="extract source failed"):  # the stale .tmp is replaced, not reused
+        ensure_built(cache, inputs=inputs)
 
 
 def test_env_overrides_the_cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

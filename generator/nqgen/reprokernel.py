@@ -204,9 +204,12 @@ class _Runner:
             log.flush()
             fin = stdin.open("rb") if stdin is not None else subprocess.DEVNULL
             try:
-                proc = subprocess.Popen(cmd, cwd=cwd, stdin=fin,
-                                        stdout=subprocess.PIPE if capture else log,
-                                        stderr=log, text=True)
+                try:
+                    proc = subprocess.Popen(cmd, cwd=cwd, stdin=fin,
+                                            stdout=subprocess.PIPE if capture else log,
+                                            stderr=log, text=True)
+                except OSError as exc:
+                    raise BuildError(f"{what}: cannot run {cmd[0]}: {exc.strerror}") from exc
                 out = ""
                 if capture:
                     out, _ = proc.communicate()
