@@ -37,7 +37,7 @@ from nqgen.profile import (
     Registration,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 NETFILTER_H = "include/linux/netfilter.h"
 SKBUFF_H = "include/linux/skbuff.h"
@@ -50,6 +50,8 @@ NF_CORE_C = "net/netfilter/core.c"  # only in full source trees
 CT_PROTO_C = "net/netfilter/nf_conntrack_proto.c"  # only in full source trees
 CT_L3IPV4_C = "net/ipv4/netfilter/nf_conntrack_l3proto_ipv4.c"  # only in full source trees
 MAKEFILE = "Makefile"
+DOT_CONFIG = ".config"  # the headers tree's own configuration (CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS)
+VRF_SINCE = (5, 16, 0)  # 8e0538d8ee06 "netfilter: conntrack: skip confirmation and nat hooks in postrouting for vrf"
 
 # Searched in every root, in this order; the arch header is added per architecture.
 HEADER_FILES = (
@@ -64,6 +66,7 @@ HEADER_FILES = (
     CT_PROTO_C,
     CT_L3IPV4_C,
     MAKEFILE,
+    DOT_CONFIG,
 )
 
 
@@ -316,6 +319,7 @@ class HeaderFacts:
     fix_evidence: str
     vrf_in_source: bool | None  # None: confirm source not in the tree
     vrf_source: str
+    have_ftrace_with_args: bool | None  # CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS in the tree's .config; None: no .config
     version: tuple[int, int, int] | None  # from the top Makefile
     files: tuple[str, ...]  # relative paths actually read
 
@@ -386,6 +390,18 @@ def _tree_version(tree: HeaderTree) -> tuple[int, int, int] | None:
             if version is not None:
                 return version
     return None
+
+
+def _config_option(tree: HeaderTree, option: str) -> bool | None:
+    """Whether ``option`` is =y/=m in the tree's own .config (None when the tree has none)."""
+    path = tree.kdir / DOT_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+    return re.search(rf"^{option}=[ym]$", text, re.M) is not None
 
 
 def _vrf(tree: HeaderTree) -> tuple[bool | None, str]:
@@ -469,6 +485,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
         has_regs_set_ip=regs_set_ip,
         has_pointer_set_arch=arch_set,
         has_pointer_set_noop=noop,
+        have_ftrace_with_args=_config_option(tree, "CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS"),
         recursion_flag=recursion,
         livepatch_header=livepatch is not None,
         has_klp_register=livepatch is not None and bool(re.search(r"\bklp_register_patch\s*\(", livepatch)),
@@ -630,13 +647,17 @@ def _decide_from_headers(
         set_ip, why = "regs_ip", "pt_regs callback: set regs->ip"
     elif facts.has_regs_set_ip:
         set_ip, why = "ftrace_regs_set_instruction_pointer", f"{ft}/{arch_h} define ftrace_regs_set_instruction_pointer"
-    elif facts.has_pointer_set_arch and (config.ftrace_with_args or not config.known):
+    elif facts.has_pointer_set_arch and facts.have_ftrace_with_args is not False:
         set_ip = "ftrace_instruction_pointer_set"
         why = f"{arch_h} defines ftrace_instruction_pointer_set(fregs, ip)"
+        if facts.have_ftrace_with_args:
+            why += " (CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS=y in the tree's .config)"
+        else:
+            why += " (tree has no .config: assumed CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS)"
     else:
         set_ip = "regs_ip"
         why = (
-            "ftrace_instruction_pointer_set is only the generic no-op without DYNAMIC_FTRACE_WITH_ARGS: "
+            "ftrace_instruction_pointer_set is only the generic no-op without CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS: "
             "set ftrace_get_regs(fregs)->ip"
         )
     ev.add("ftrace_set_ip", set_ip, why)
@@ -687,10 +708,10 @@ def _decide_from_headers(
         vrf = facts.vrf_in_source
         why = f"{facts.vrf_source} {'tests' if vrf else 'does not test'} netif_is_l3_master (VRF)"
     elif facts.version is not None:
-        vrf = facts.version >= (6, 0, 0)
+        vrf = facts.version >= VRF_SINCE
         why = (
             f"not visible in headers: inferred from Makefile version {'.'.join(map(str, facts.version))} "
-            f"({'>=' if vrf else '<'} 6.0, where ipv4_confirm gained the l3mdev check)"
+            f"({'>=' if vrf else '<'} 5.16, where 8e0538d8ee06 added the l3mdev check; backports unseen)"
         )
     else:
         vrf, why = False, "guessed: not visible in headers and no Makefile version"
