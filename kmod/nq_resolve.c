@@ -1,0 +1,103 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * {{ cookiecutter.module_name }}: resolve the confirm function(s).
+ *
+{%- if cookiecutter.target.resolve == "anchor" %}
+ * kallsyms_lookup_name() is not exported by this kernel. Each function is
+ * found from an exported function of the same module section (its anchor)
+ * plus the distance nqgen measured in this kernel's own module file; the
+ * result is checked by name with sprint_symbol() before anything uses it.
+{%- else %}
+ * kallsyms_lookup_name() is exported by this kernel; the "module:symbol"
+ * form is used with a writable buffer (some kernels write a NUL into it),
+ * and the result is checked by name with sprint_symbol().
+{%- endif %}
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/kernel.h>
+#include <linux/kallsyms.h>
+#include <linux/string.h>
+#include <linux/module.h>
+#include <net/netfilter/nf_conntrack_core.h>
+
+#include "nq_resolve.h"
+
+struct nq_target nq_targets[NQ_NTARGETS] = {
+{%- for f in cookiecutter.target.families %}
+	{
+		.family = "{{ f.family }}",
+		.name = "{{ f.function }}",
+		.module = "{{ f.module }}",
+	},
+{%- endfor %}
+};
+
+static unsigned long nq_target_addr(const struct nq_target *t, int i)
+{
+{%- if cookiecutter.target.resolve == "anchor" %}
+	switch (i) {
+{%- for f in cookiecutter.target.families %}
+	case {{ loop.index0 }}:
+{%- if f.exported %}
+		/* {{ f.function }} is exported */
+		return (unsigned long)&{{ f.function }};
+{%- elif f.anchor %}
+		/* {{ f.function }} = {{ f.anchor }} {{ "-" if f.delta.startswith("-") else "+" }} {{ f.delta.lstrip("-") }} */
+		return (unsigned long)&{{ f.anchor }} {{ "-" if f.delta.startswith("-") else "+" }} {{ f.delta.lstrip("-") }}UL;
+{%- else %}
+		/* no exported anchor beside {{ f.function }} in this kernel */
+		return 0;
+{%- endif %}
+{%- endfor %}
+	}
+	return 0;
+{%- else %}
+	char buf[KSYM_NAME_LEN + MODULE_NAME_LEN + 2];
+
+	snprintf(buf, sizeof(buf), "%s:%s", t->module, t->name);
+	return kallsyms_lookup_name(buf);
+{%- endif %}
+}
+
+static bool nq_target_check(const struct nq_target *t, unsigned long addr)
+{
+	char sym[KSYM_SYMBOL_LEN];
+	char want[KSYM_NAME_LEN + 8];
+	char mod[MODULE_NAME_LEN + 4];
+	size_t len;
+
+	sprint_symbol(sym, addr);
+	snprintf(want, sizeof(want), "%s+0x0/", t->name);
+	snprintf(mod, sizeof(mod), " [%s]", t->module);
+	len = strlen(sym);
+	if (strncmp(sym, want, strlen(want)) ||
+	    len < strlen(mod) || strcmp(sym + len - strlen(mod), mod)) {
+		pr_err("%s: the computed address is \"%s\", not %s in [%s]; refusing to load\n",
+		       t->family, sym, t->name, t->module);
+		return false;
+	}
+	pr_info("%s: resolved %s ({{ "kallsyms_lookup_name" if cookiecutter.target.resolve == "kallsyms" else "anchor + offset" }}, checked)\n",
+		t->family, sym);
+	return true;
+}
+
+int nq_resolve_targets(void)
+{
+	int i;
+
+	for (i = 0; i < NQ_NTARGETS; i++) {
+		struct nq_target *t = &nq_targets[i];
+		unsigned long addr = nq_target_addr(t, i);
+
+		if (!addr) {
+			pr_err("%s: cannot find %s in [%s]; refusing to load\n",
+			       t->family, t->name, t->module);
+			return -ENOENT;
+		}
+		if (!nq_target_check(t, addr))
+			return -ENOENT;
+		t->addr = addr;
+	}
+	return 0;
+}
