@@ -1,0 +1,235 @@
+"""The guest's plan for one boot and the busybox ``/init`` script that carries it out.
+
+Every result leaves the guest as one JSON object per line on the second serial port (/dev/ttyS1);
+free text (insmod's stderr, kernel log chunks, /proc/net/stat/nf_conntrack) travels base64-encoded
+inside those objects.  The console (ttyS0) is kept for the kernel's own reports.  The last record is
+``{"type":"done"}``; then the init writes the exit byte to qemu's isa-debug-exit port.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+RESULT_TTY = "/dev/ttyS1"
+WORKLOAD_DPORT = 5000
+HEALTH_DPORT = 5001
+SPORT_BASE = 20000
+MAX_ROUNDS = 40000
+EXIT_DONE = 0  # qemu exits with (v << 1) | 1 = 1
+EXIT_DEP_FAILED = 3
+EXIT_HELPER_FAILED = 4
+
+
+@dataclass(frozen=True)
+class GuestModule:
+    """A module the guest loads with insmod."""
+
+    name: str
+    path: str  # path inside the guest
+    role: str  # "dep", "helper" or "mitigation"
+    params: tuple[str, ...] = ()
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What traffic the guest drives."""
+
+    rounds: int = 500
+    threads: int = 2
+    families: str = "46"  # "4", "6" or "46"
+    queue_delay_us: int = 200
+    health_rounds: int = 50
+    drain_ms: int = 1500
+
+
+@dataclass(frozen=True)
+class GuestPlan:
+    """Everything one boot does."""
+
+    run: str
+    deps: tuple[GuestModule, ...]
+    helper: GuestModule
+    mitigation: GuestModule | None
+    workload: Workload
+    stats_dir: str | None = None
+    counters: tuple[str, ...] = ()
+    unload: str = "rmmod"  # "rmmod" or "livepatch"
+    livepatch_sysfs: str | None = None
+    queue_base: int | None = None  # the NFQUEUE consumer binds queue_base..queue_base+queue_count-1
+    queue_count: int = 0
+
+
+_PRELUDE = r"""#!/bin/sh
+PATH=/bin:/sbin
+export PATH
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /tmp
+R=__TTY__
+stty -F $R raw -echo 2>/dev/null
+b64() { base64 -w 0 "$1" 2>/dev/null; }
+emit() { printf '%s\n' "$1" > $R; }
+finish() {
+	dmesg -c > /tmp/kmsg 2>/dev/null
+	emit "{\"type\":\"log\",\"phase\":\"end\",\"b64\":\"$(b64 /tmp/kmsg)\"}"
+	emit "{\"type\":\"done\",\"code\":$1}"
+	sync
+	printf "\\$(printf '%03o' "$1")" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+	poweroff -f
+}
+log() {
+	dmesg -c > /tmp/kmsg 2>/dev/null
+	[ -s /tmp/kmsg ] && emit "{\"type\":\"log\",\"phase\":\"$1\",\"b64\":\"$(b64 /tmp/kmsg)\"}"
+	return 0
+}
+load() {
+	role=$1; name=$2; path=$3; opt=$4; shift 4
+	log "before-$name"
+	insmod "$path" "$@" 2>/tmp/insmod.err
+	rc=$?
+	dmesg -c > /tmp/kmsg 2>/dev/null
+	head="\"type\":\"insmod\",\"role\":\"$role\",\"module\":\"$name\",\"optional\":$opt,\"rc\":$rc"
+	emit "{$head,\"stderr_b64\":\"$(b64 /tmp/insmod.err)\",\"dmesg_b64\":\"$(b64 /tmp/kmsg)\"}"
+	return $rc
+}
+counters() {
+	[ -n "$SD" ] || return 0
+	out=""
+	sep=""
+	for c in $COUNTERS; do
+		v=$(head -n 1 "$SD/$c" 2>/dev/null | tr -d ' \n')
+		case "$v" in ''|*[!0-9-]*) v=null;; esac
+		out="$out$sep\"$c\":$v"
+		sep=","
+	done
+	present=false
+	[ -d "$SD" ] && present=true
+	emit "{\"type\":\"counters\",\"phase\":\"$1\",\"present\":$present,\"values\":{$out}}"
+}
+ctstat() {
+	if [ -r /proc/net/stat/nf_conntrack ]; then
+		emit "{\"type\":\"ctstat\",\"phase\":\"$1\",\"b64\":\"$(base64 -w 0 /proc/net/stat/nf_conntrack)\"}"
+	else
+		emit "{\"type\":\"ctstat\",\"phase\":\"$1\",\"b64\":null}"
+	fi
+}
+taint() {
+	emit "{\"type\":\"taint\",\"phase\":\"$1\",\"value\":$(cat /proc/sys/kernel/tainted)}"
+}
+traffic() {
+	/bin/nq_udprace -r "$2" -t "$THREADS" -f "$FAMILIES" -p "$3" -s "$4" -w "$DRAIN" -n "$1" \
+		> /tmp/traffic.json 2> /tmp/traffic.err
+	rc=$?
+	cat /tmp/traffic.json > $R
+	emit "{\"type\":\"program\",\"name\":\"$1\",\"rc\":$rc,\"stderr_b64\":\"$(b64 /tmp/traffic.err)\"}"
+}
+wait_file() {
+	i=0
+	while [ ! -e "$1" ] && [ $i -lt 250 ]; do usleep 20000; i=$((i + 1)); done
+	[ -e "$1" ]
+}
+"""
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def render_init(plan: GuestPlan) -> str:
+    """The /init script for one boot."""
+    w = plan.workload
+    lines = [_PRELUDE.replace("__TTY__", RESULT_TTY)]
+    lines.append(f"RUN={_q(plan.run)}")
+    lines.append(f"THREADS={w.threads}")
+    lines.append(f"FAMILIES={_q(w.families)}")
+    lines.append(f"DRAIN={w.drain_ms}")
+    lines.append(f"SD={_q(plan.stats_dir or '')}")
+    lines.append(f"COUNTERS={_q(' '.join(plan.counters))}")
+    lines.append(
+        'emit "{\\"type\\":\\"boot\\",\\"run\\":\\"$RUN\\",\\"release\\":\\"$(uname -r)\\",'
+        '\\"cpus\\":$(nproc)}"'
+    )
+    lines.append("ip link set lo up")
+    lines.append("taint boot")
+    for mod in plan.deps:
+        opt = "true" if mod.optional else "false"
+        cmd = f"load dep {_q(mod.name)} {_q(mod.path)} {opt}"
+        lines.append(cmd if mod.optional else f"{cmd} || finish {EXIT_DEP_FAILED}")
+    lines.append("/bin/nq_ctevents -r /tmp/ev.ready > /tmp/ev.json 2>&1 &")
+    lines.append("EV=$!")
+    lines.append('wait_file /tmp/ev.ready || emit "{\\"type\\":\\"error\\",\\"what\\":\\"ctevents-not-ready\\"}"')
+    helper_params = " ".join(_q(p) for p in plan.helper.params)
+    lines.append(
+        f"load helper {_q(plan.helper.name)} {_q(plan.helper.path)} false {helper_params}"
+        f" || finish {EXIT_HELPER_FAILED}"
+    )
+    lines.append("Q=")
+    if plan.queue_base is not None and plan.queue_count > 0:
+        lines.append(
+            f"/bin/nq_queue -b {plan.queue_base} -c {plan.queue_count} -d {w.queue_delay_us}"
+            " -r /tmp/q.ready > /tmp/q.json 2>&1 &"
+        )
+        lines.append("Q=$!")
+        lines.append('wait_file /tmp/q.ready || emit "{\\"type\\":\\"error\\",\\"what\\":\\"queue-not-ready\\"}"')
+    lines.append("ctstat before")
+    lines.append("MIT=0")
+    if plan.mitigation is not None:
+        m = plan.mitigation
+        params = " ".join(_q(p) for p in m.params)
+        lines.append(f"load mitigation {_q(m.name)} {_q(m.path)} false {params} && MIT=1")
+        lines.append("counters loaded")
+    lines.append(f"traffic workload {w.rounds} {WORKLOAD_DPORT} {SPORT_BASE}")
+    lines.append("counters workload")
+    lines.append("ctstat workload")
+    lines.append("taint workload")
+    if plan.mitigation is not None:
+        lines.append(_unload_block(plan))
+        lines.append("counters unloaded")
+    lines.append(f"traffic health {w.health_rounds} {HEALTH_DPORT} {SPORT_BASE + w.rounds}")
+    lines.append("ctstat health")
+    lines.append("taint health")
+    lines.append('[ -n "$Q" ] && kill -TERM $Q')
+    lines.append("kill -TERM $EV")
+    lines.append("wait")
+    lines.append("[ -n \"$Q\" ] && cat /tmp/q.json > $R")
+    lines.append("cat /tmp/ev.json > $R")
+    lines.append(f"finish {EXIT_DONE}")
+    return "\n".join(lines) + "\n"
+
+
+def _unload_block(plan: GuestPlan) -> str:
+    assert plan.mitigation is not None
+    name = _q(plan.mitigation.name)
+    if plan.unload == "livepatch":
+        lp = _q(plan.livepatch_sysfs or f"/sys/kernel/livepatch/{plan.mitigation.name}")
+        disable = (
+            f"LP={lp}\n"
+            '\techo 0 > "$LP/enabled" 2>/tmp/unload.err\n'
+            "\tDRC=$?\n"
+            "\ti=0\n"
+            '\twhile [ -e "$LP/transition" ] && [ "$(cat "$LP/transition" 2>/dev/null)" != 0 ]'
+            " && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done\n"
+            '\tTR=$(cat "$LP/transition" 2>/dev/null || echo gone)\n'
+            "\tWAITED=$((i * 100))\n"
+            "\t[ -e \"$LP\" ] && [ \"$TR\" = 0 ] && usleep 200000\n"
+        )
+        method = "livepatch"
+    else:
+        disable = "DRC=0\n\tTR=none\n\tWAITED=0\n\t: > /tmp/unload.err\n"
+        method = "rmmod"
+    return (
+        'if [ "$MIT" = 1 ]; then\n'
+        f"\tlog before-unload\n\t{disable}"
+        f"\trmmod {name} 2>>/tmp/unload.err\n"
+        "\tRRC=$?\n"
+        "\tdmesg -c > /tmp/kmsg 2>/dev/null\n"
+        "\tLOADED=false\n"
+        f"\tgrep -q '^{plan.mitigation.name} ' /proc/modules && LOADED=true\n"
+        f'\temit "{{\\"type\\":\\"unload\\",\\"method\\":\\"{method}\\",\\"disable_rc\\":$DRC,'
+        '\\"transition\\":\\"$TR\\",\\"waited_ms\\":$WAITED,\\"rmmod_rc\\":$RRC,\\"still_loaded\\":$LOADED,'
+        '\\"stderr_b64\\":\\"$(b64 /tmp/unload.err)\\",\\"dmesg_b64\\":\\"$(b64 /tmp/kmsg)\\"}"\n'
+        "fi"
+    )

@@ -1,0 +1,97 @@
+"""Boot one guest under qemu (TCG) and collect its console, its result port and its exit status."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LabError
+
+DEBUG_EXIT_PORT = 0xF4
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """How to boot: kernel, initramfs, machine size, command line and time limit."""
+
+    kernel: Path
+    initrd: Path
+    smp: int = 2
+    memory: str = "1G"
+    timeout: float = 180.0
+    append: str = ""
+    qemu: str = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class QemuOutcome:
+    """What one boot left behind."""
+
+    exit_code: int | None  # None when the lab killed qemu at the time limit
+    timed_out: bool
+    console: str  # ttyS0: the kernel's log and reports
+    results: str  # ttyS1: JSON lines from the guest's init
+    seconds: float
+    command: tuple[str, ...]
+
+    @property
+    def guest_exit(self) -> int | None:
+        """The byte the guest wrote to isa-debug-exit, None if it never did (panic, reboot, timeout)."""
+        if self.exit_code is None or self.exit_code % 2 == 0:
+            return None
+        return self.exit_code >> 1
+
+
+BASE_APPEND = "console=ttyS0 loglevel=5 oops=panic panic=-1 kasan_multi_shot rdinit=/init"
+
+
+def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
+    append = f"{BASE_APPEND} {cfg.append}".strip()
+    return [
+        cfg.qemu,
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-smp", str(cfg.smp),
+        "-m", cfg.memory,
+        "-nodefaults",
+        "-display", "none",
+        "-no-reboot",
+        "-kernel", str(cfg.kernel),
+        "-initrd", str(cfg.initrd),
+        "-append", append,
+        "-serial", f"file:{console}",
+        "-serial", f"file:{results}",
+        "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04",
+    ]
+
+
+def boot(cfg: QemuConfig, workdir: Path) -> QemuOutcome:
+    """Run qemu until the guest exits or the time limit passes."""
+    if shutil.which(cfg.qemu) is None:
+        raise LabError(f"{cfg.qemu} not found (apt-get install qemu-system-x86)")
+    console = workdir / "console.log"
+    results = workdir / "results.jsonl"
+    cmd = qemu_command(cfg, console, results)
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    timed_out = False
+    try:
+        out, _ = proc.communicate(timeout=cfg.timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        out, _ = proc.communicate()
+    seconds = time.monotonic() - start
+    if not timed_out and not console.exists():
+        raise LabError(f"qemu failed to start: {out.decode(errors='replace').strip()[:300]}")
+    return QemuOutcome(
+        exit_code=None if timed_out else proc.returncode,
+        timed_out=timed_out,
+        console=console.read_text(errors="replace") if console.exists() else "",
+        results=results.read_text(errors="replace") if results.exists() else "",
+        seconds=seconds,
+        command=tuple(cmd),
+    )

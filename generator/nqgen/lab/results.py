@@ -1,0 +1,459 @@
+"""Results of lab boots: dataclasses, the parser for the guest's JSON lines, and fault reports on the console."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CT_STAT_FIELDS = ("clashres", "insert_failed", "drop", "early_drop", "invalid", "insert", "found", "search_restart")
+TAINT_FAULT_BITS = {5: "B (bad page)", 7: "D (died)", 9: "W (warning)", 14: "L (soft lockup)"}
+
+
+@dataclass
+class ModuleLoad:
+    """One insmod in the guest."""
+
+    role: str  # "dep", "helper", "mitigation"
+    module: str
+    rc: int
+    optional: bool
+    stderr: str
+    dmesg: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    @property
+    def reason(self) -> str:
+        """Why it was refused: insmod's message plus the kernel's line, shortened."""
+        parts = [self.stderr.strip().splitlines()[-1] if self.stderr.strip() else ""]
+        kern = [ln for ln in strip_timestamps(self.dmesg).splitlines() if ln.strip()]
+        if kern:
+            parts.append(kern[-1].strip())
+        return " | ".join(p for p in parts if p)[:300]
+
+
+@dataclass
+class Traffic:
+    """Datagrams of one family in one traffic phase."""
+
+    phase: str  # "workload" or "health"
+    family: str
+    rounds: int
+    threads: int
+    sent: int
+    received: int
+    send_errors: int
+
+    @property
+    def lost(self) -> int:
+        return max(self.sent - self.received, 0)
+
+
+@dataclass
+class Unload:
+    """How the mitigation was removed."""
+
+    method: str  # "rmmod" or "livepatch"
+    disable_rc: int
+    transition: str  # last value of the livepatch transition file ("gone" once the patch is freed)
+    waited_ms: int
+    rmmod_rc: int
+    still_loaded: bool
+    stderr: str
+    dmesg: str
+
+    @property
+    def ok(self) -> bool:
+        return self.disable_rc == 0 and self.rmmod_rc == 0 and not self.still_loaded
+
+
+@dataclass
+class Fault:
+    """One kernel report found on the console (Oops, BUG, WARNING, KASAN, lockdep, panic, hang)."""
+
+    kind: str
+    title: str
+    text: str
+    frames: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    """Everything measured in one boot."""
+
+    name: str  # "baseline", "baseline-nfqueue" or a strategy
+    kind: str  # "baseline" or "mitigation"
+    strategy: str | None
+    module: str | None
+    nfqueue: bool
+    seconds: float = 0.0
+    exit_code: int | None = None
+    guest_exit: int | None = None
+    timed_out: bool = False
+    completed: bool = False
+    release: str | None = None
+    loads: list[ModuleLoad] = field(default_factory=list)
+    counters: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    counters_present: dict[str, bool] = field(default_factory=dict)
+    corrected_counter: str | None = None
+    traffic: list[Traffic] = field(default_factory=list)
+    ct_stat: dict[str, dict[str, int] | None] = field(default_factory=dict)  # phase -> summed counters
+    taint: dict[str, int] = field(default_factory=dict)
+    queue: dict[str, Any] | None = None
+    ctevents: dict[str, Any] | None = None
+    unload: Unload | None = None
+    faults: list[Fault] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # lab-side problems (helper not ready, bad lines)
+    kernel_log: str = ""
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def mitigation_load(self) -> ModuleLoad | None:
+        return next((x for x in self.loads if x.role == "mitigation"), None)
+
+    @property
+    def loaded(self) -> bool | None:
+        load = self.mitigation_load
+        return None if self.kind == "baseline" else (load is not None and load.ok)
+
+    def sent(self, phase: str = "workload") -> int:
+        return sum(t.sent for t in self.traffic if t.phase == phase)
+
+    def received(self, phase: str = "workload") -> int:
+        return sum(t.received for t in self.traffic if t.phase == phase)
+
+    def ct_delta(self, start: str, end: str) -> dict[str, int] | None:
+        a, b = self.ct_stat.get(start), self.ct_stat.get(end)
+        if a is None or b is None:
+            return None
+        return {k: b.get(k, 0) - a.get(k, 0) for k in b}
+
+    @property
+    def workload_ct(self) -> dict[str, int] | None:
+        return self.ct_delta("before", "workload")
+
+    @property
+    def counter_deltas(self) -> dict[str, int | None]:
+        """Counter value after the workload minus after load (None when unreadable)."""
+        before, after = self.counters.get("loaded", {}), self.counters.get("workload", {})
+        out: dict[str, int | None] = {}
+        for name, value in after.items():
+            start = before.get(name)
+            out[name] = None if value is None or start is None else value - start
+        return out
+
+    @property
+    def corrected_calls(self) -> int | None:
+        if not self.corrected_counter:
+            return None
+        return self.counters.get("workload", {}).get(self.corrected_counter)
+
+    @property
+    def healthy(self) -> bool | None:
+        """Traffic still flowed after the unload (None when the health phase never ran)."""
+        health = [t for t in self.traffic if t.phase == "health"]
+        if not health:
+            return None
+        return all(t.sent > 0 and t.lost == 0 and t.send_errors == 0 for t in health)
+
+    @property
+    def taint_faults(self) -> list[str]:
+        last = max(self.taint.values(), default=0)
+        first = self.taint.get("boot", 0)
+        new = last & ~first
+        return [name for bit, name in TAINT_FAULT_BITS.items() if new & (1 << bit)]
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this run fails the lab (empty: it passed)."""
+        out: list[str] = []
+        if self.faults:
+            first = self.faults[0]
+            out.append(f"{len(self.faults)} kernel report(s), first: {first.title}")
+        elif self.taint_faults:
+            out.append("kernel tainted " + ", ".join(self.taint_faults))
+        if self.timed_out:
+            out.append("timed out")
+        elif not self.completed:
+            out.append("guest did not finish")
+        for load in self.loads:
+            if not load.ok and not load.optional and load.role != "mitigation":
+                out.append(f"{load.role} {load.module} refused: {load.reason}")
+        if self.kind == "mitigation":
+            mload = self.mitigation_load
+            if mload is None:
+                if self.completed:
+                    out.append("mitigation was never loaded")
+            elif not mload.ok:
+                out.append(f"refused: {mload.reason}")
+            elif self.unload is None:
+                if self.completed:
+                    out.append("never unloaded")
+            elif not self.unload.ok:
+                out.append(f"unload failed ({self.unload.method}: {self.unload.stderr.strip()[:120]})")
+        lost = self.sent() - self.received()
+        if self.completed and self.sent() == 0:
+            out.append("no datagram sent")
+        elif lost > 0:
+            out.append(f"lost {lost} of {self.sent()} datagrams")
+        if self.completed and self.healthy is False:
+            out.append("traffic failed after unload")
+        out.extend(self.errors)
+        return out
+
+    @property
+    def verdict(self) -> str:
+        if self.faults or self.taint_faults:
+            return "fault"
+        if self.timed_out or not self.completed:
+            return "incomplete"
+        if self.kind == "mitigation" and self.loaded is False:
+            return "refused"
+        if self.sent() - self.received() > 0:
+            return "loss"
+        if self.kind == "mitigation" and (self.unload is None or not self.unload.ok):
+            return "unload-failed"
+        if self.problems:
+            return "problem"
+        return "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["derived"] = {
+            "verdict": self.verdict,
+            "problems": self.problems,
+            "loaded": self.loaded,
+            "refusal": self.mitigation_load.reason
+            if self.mitigation_load is not None and not self.mitigation_load.ok
+            else None,
+            "sent": self.sent(),
+            "received": self.received(),
+            "lost": self.sent() - self.received(),
+            "health_sent": self.sent("health"),
+            "health_received": self.received("health"),
+            "healthy": self.healthy,
+            "workload_ct": self.workload_ct,
+            "health_ct": self.ct_delta("workload", "health"),
+            "counter_deltas": self.counter_deltas,
+            "corrected_calls": self.corrected_calls,
+            "unloaded": None if self.unload is None else self.unload.ok,
+            "taint_faults": self.taint_faults,
+            "fault_count": len(self.faults),
+            "fault_kinds": sorted({f.kind for f in self.faults}),
+        }
+        return d
+
+
+# ---- parsing ------------------------------------------------------------------------------
+
+_TS_RE = re.compile(r"^\[\s*\d+\.\d+\]\s?", re.MULTILINE)
+
+
+def strip_timestamps(text: str) -> str:
+    return _TS_RE.sub("", text)
+
+
+def _b64(value: object) -> str:
+    if not isinstance(value, str):
+        return ""
+    try:
+        return base64.b64decode(value).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return ""
+
+
+def parse_ct_stat(text: str) -> dict[str, int]:
+    """Sum the per-CPU hex rows of /proc/net/stat/nf_conntrack into one value per column."""
+    lines = [ln.split() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return {}
+    names, totals = lines[0], dict.fromkeys(lines[0], 0)
+    for row in lines[1:]:
+        for name, value in zip(names, row, strict=False):
+            try:
+                totals[name] += int(value, 16)
+            except ValueError:
+                continue
+    # "entries" is the same global gauge on every row: keep one value, not the sum
+    if "entries" in totals and len(lines) > 1:
+        with contextlib.suppress(ValueError, IndexError):
+            totals["entries"] = int(lines[1][names.index("entries")], 16)
+    return totals
+
+
+def apply_results(run: RunResult, text: str) -> None:
+    """Fill ``run`` from the guest's JSON lines (ttyS1); malformed lines are kept as errors."""
+    log: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip().strip("\x00")
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            run.errors.append(f"unparsable result line: {line[:80]}")
+            continue
+        if not isinstance(rec, dict):
+            continue
+        _apply_record(run, rec, log)
+    run.kernel_log = "".join(log)
+
+
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
+    kind = rec.get("type")
+    if kind == "boot":
+        run.release = str(rec.get("release", ""))
+    elif kind == "log":
+        log.append(_b64(rec.get("b64")))
+    elif kind == "insmod":
+        dmesg = _b64(rec.get("dmesg_b64"))
+        log.append(dmesg)
+        run.loads.append(
+            ModuleLoad(
+                role=str(rec.get("role", "")),
+                module=str(rec.get("module", "")),
+                rc=_int(rec.get("rc"), -1),
+                optional=bool(rec.get("optional")),
+                stderr=_b64(rec.get("stderr_b64")),
+                dmesg=dmesg,
+            )
+        )
+    elif kind == "counters":
+        values = rec.get("values") or {}
+        run.counters[str(rec.get("phase"))] = {
+            str(k): (v if isinstance(v, int) and not isinstance(v, bool) else None) for k, v in values.items()
+        }
+        run.counters_present[str(rec.get("phase"))] = bool(rec.get("present"))
+    elif kind == "ctstat":
+        b64 = rec.get("b64")
+        run.ct_stat[str(rec.get("phase"))] = None if b64 is None else parse_ct_stat(_b64(b64))
+    elif kind == "taint":
+        run.taint[str(rec.get("phase"))] = _int(rec.get("value"))
+    elif kind == "traffic":
+        run.traffic.append(
+            Traffic(
+                phase=str(rec.get("name", "")),
+                family=str(rec.get("family", "")),
+                rounds=_int(rec.get("rounds")),
+                threads=_int(rec.get("threads")),
+                sent=_int(rec.get("sent")),
+                received=_int(rec.get("received")),
+                send_errors=_int(rec.get("send_errors")),
+            )
+        )
+    elif kind == "program":
+        if _int(rec.get("rc")) != 0:
+            run.errors.append(f"{rec.get('name')} exited {rec.get('rc')}: {_b64(rec.get('stderr_b64')).strip()[:120]}")
+    elif kind == "unload":
+        dmesg = _b64(rec.get("dmesg_b64"))
+        log.append(dmesg)
+        run.unload = Unload(
+            method=str(rec.get("method", "")),
+            disable_rc=_int(rec.get("disable_rc"), -1),
+            transition=str(rec.get("transition", "")),
+            waited_ms=_int(rec.get("waited_ms")),
+            rmmod_rc=_int(rec.get("rmmod_rc"), -1),
+            still_loaded=bool(rec.get("still_loaded")),
+            stderr=_b64(rec.get("stderr_b64")),
+            dmesg=dmesg,
+        )
+    elif kind == "queue":
+        run.queue = {k: v for k, v in rec.items() if k != "type"}
+        if _int(rec.get("bind_error")) != 0:
+            run.errors.append(f"NFQUEUE consumer could not bind (error {rec.get('bind_error')})")
+    elif kind == "ctevents":
+        run.ctevents = {k: v for k, v in rec.items() if k != "type"}
+        if not rec.get("subscribed"):
+            run.errors.append(f"ctnetlink listener could not subscribe (error {rec.get('error')})")
+    elif kind == "error":
+        run.errors.append(f"guest: {rec.get('what')}")
+    elif kind == "done":
+        run.completed = True
+
+
+# ---- kernel reports on the console --------------------------------------------------------
+
+_HEADERS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("KASAN", re.compile(r"^BUG: KASAN: ")),
+    ("lockdep", re.compile(r"^WARNING: (possible (circular|recursive) locking|inconsistent lock state|"
+                           r"suspicious RCU usage|bad unlock balance|held lock freed)")),
+    ("lockdep", re.compile(r"^(INFO: )?(possible irq lock inversion|inconsistent lock state)")),
+    ("UBSAN", re.compile(r"^UBSAN: ")),
+    ("BUG", re.compile(r"^(BUG: |kernel BUG at )")),
+    ("Oops", re.compile(r"^(Oops: |general protection fault)")),
+    ("WARNING", re.compile(r"^WARNING: ")),
+    ("hang", re.compile(r"^(INFO: task .* blocked for more than|rcu: INFO: .* detected stalls)")),
+    ("panic", re.compile(r"^Kernel panic - not syncing")),
+)
+_END_RE = re.compile(r"^(---\[ end |={20,}$)")
+_FRAME_RE = re.compile(r"^\s*(\?\s+)?([A-Za-z_.][\w.]*\+0x[0-9a-f]+/0x[0-9a-f]+(?: \[\w+\])?)")
+_RIP_RE = re.compile(r"^RIP: \w+:(\S+(?: \[\w+\])?)")
+_MAX_REPORT_LINES = 120
+
+
+def _classify(line: str) -> str | None:
+    for kind, pattern in _HEADERS:
+        if pattern.search(line):
+            return kind
+    return None
+
+
+def find_faults(console: str) -> list[Fault]:
+    """Every kernel report on the console, with its text, title and top stack frames."""
+    lines = strip_timestamps(console.replace("\r", "")).splitlines()
+    faults: list[Fault] = []
+    current: list[str] | None = None
+    kind = ""
+    for line in lines:
+        if current is not None:
+            header = _classify(line)
+            if header == "panic":
+                current.append(line)
+                faults.append(_make_fault(kind, current))
+                current = None
+                continue
+            current.append(line)
+            if (_END_RE.search(line) and len(current) > 2) or len(current) >= _MAX_REPORT_LINES:
+                faults.append(_make_fault(kind, current))
+                current = None
+            continue
+        header = _classify(line)
+        if header is not None:
+            kind, current = header, [line]
+            if header == "panic":
+                faults.append(_make_fault(kind, current))
+                current = None
+    if current is not None:
+        faults.append(_make_fault(kind, current))
+    # a panic that only closes an earlier report adds nothing of its own
+    return [f for f in faults if f.kind != "panic" or len(faults) == 1]
+
+
+def _make_fault(kind: str, lines: list[str]) -> Fault:
+    frames: list[str] = []
+    in_trace = False
+    for line in lines:
+        m = _RIP_RE.search(line.strip())
+        if m and not frames:
+            frames.append(m.group(1))
+        if "Call Trace:" in line:
+            in_trace = True
+            continue
+        if in_trace:
+            fm = _FRAME_RE.search(line)
+            if fm and not fm.group(1) and fm.group(2) not in frames:
+                frames.append(fm.group(2))
+        if len(frames) >= 6:
+            break
+    return Fault(kind=kind, title=lines[0].strip(), text="\n".join(lines), frames=frames)
