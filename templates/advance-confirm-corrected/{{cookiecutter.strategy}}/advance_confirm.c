@@ -1,0 +1,1 @@
+../../advance-confirm/{{cookiecutter.strategy}}/advance_confirm.c

@@ -1,0 +1,1 @@
+../../advance-confirm/{{cookiecutter.strategy}}/nq_counters.h
