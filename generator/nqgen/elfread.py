@@ -8,6 +8,7 @@ Only x86_64 little-endian ELF is accepted: nqgen targets nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 from collections.abc import Iterator
@@ -151,15 +152,34 @@ def parse_elf(data: bytes, path: str, *, compression: str | None = None, expect:
     """Parse an in-memory ELF; ``path`` only names the file in messages."""
     _check_ident(data, path)
     try:
-        elf = ELFFile(io.BytesIO(data))
-        kind: ImageKind = "module" if elf.header["e_type"] == "ET_REL" else "vmlinux"
-        if expect is not None and kind != expect:
-            want = "a relocatable module (ET_REL)" if expect == "module" else "a linked image"
-            raise ElfFormatError(f"{path}: not {want}: e_type is {elf.header['e_type']}")
-        sections = _read_sections(elf, data, path)
-    except (ELFError, struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError, AttributeError) as exc:
+        return _parse(data, path, compression, expect)
+    except _PARSER_ERRORS as exc:
         raise ElfFormatError(f"{path}: malformed ELF: {type(exc).__name__}: {exc}") from None
-    image = ElfImage(
+
+
+# what pyelftools (or struct on a damaged table) raises on hostile input; converted to ElfFormatError
+_PARSER_ERRORS = (
+    ELFError,
+    struct.error,
+    ValueError,
+    IndexError,
+    KeyError,
+    UnicodeDecodeError,
+    AttributeError,
+    OverflowError,
+    TypeError,
+    AssertionError,
+)
+
+
+def _parse(data: bytes, path: str, compression: str | None, expect: ImageKind | None) -> ElfImage:
+    elf = ELFFile(io.BytesIO(data))
+    kind: ImageKind = "module" if elf.header["e_type"] == "ET_REL" else "vmlinux"
+    if expect is not None and kind != expect:
+        want = "a relocatable module (ET_REL)" if expect == "module" else "a linked image"
+        raise ElfFormatError(f"{path}: not {want}: e_type is {elf.header['e_type']}")
+    sections = _read_sections(elf, data, path)
+    bare = ElfImage(
         path=path,
         kind=kind,
         compression=compression,
@@ -172,18 +192,12 @@ def parse_elf(data: bytes, path: str, *, compression: str | None = None, expect:
         _data=data,
         _sections=sections,
     )
-    return ElfImage(
-        path=path,
-        kind=kind,
-        compression=compression,
-        sections=image.sections,
-        symbols=image.symbols,
-        exports=_read_exports(image),
-        modinfo=_read_modinfo(image),
-        build_id=_read_build_id(image),
-        traceable_sites=_read_trace_sites(image),
-        _data=data,
-        _sections=sections,
+    return dataclasses.replace(
+        bare,
+        exports=_read_exports(bare),
+        modinfo=_read_modinfo(bare),
+        build_id=_read_build_id(bare),
+        traceable_sites=_read_trace_sites(bare),
     )
 
 

@@ -63,9 +63,10 @@ class ProfileInputs:
     notes: list[str] = field(default_factory=list)  # why a conventional file was skipped
 
 
-def installed_releases(root: Path = MODULES_ROOT) -> list[str]:
+def installed_releases(root: Path | None = None) -> list[str]:
+    """The releases that have a /lib/modules/<release> directory."""
     try:
-        return sorted(p.name for p in root.iterdir() if p.is_dir())
+        return sorted(p.name for p in (root or MODULES_ROOT).iterdir() if p.is_dir())
     except OSError:
         return []
 
