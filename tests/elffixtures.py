@@ -101,3 +101,19 @@ def patched_copy(path: Path, out: Path, patches: dict[int, bytes]) -> Path:
 def truncated_copy(path: Path, out: Path, size: int) -> Path:
     out.write_bytes(path.read_bytes()[:size])
     return out
+
+
+def extract_vmlinux(bzimage: Path, out: Path) -> Path:
+    """The ELF vmlinux inside an xz-compressed bzImage (what scripts/extract-vmlinux does for xz)."""
+    data = bzimage.read_bytes()
+    start = data.find(b"\xfd7zXZ\x00")
+    while start >= 0:
+        try:
+            elf = lzma.LZMADecompressor().decompress(data[start:])
+        except lzma.LZMAError:
+            elf = b""
+        if elf.startswith(b"\x7fELF"):
+            out.write_bytes(elf)
+            return out
+        start = data.find(b"\xfd7zXZ\x00", start + 1)
+    pytest.skip(f"{bzimage} holds no xz-compressed ELF vmlinux")

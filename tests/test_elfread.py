@@ -13,6 +13,7 @@ import pytest
 from elffixtures import (
     build_module,
     compress,
+    extract_vmlinux,
     link_relocatable,
     patched_copy,
     truncated_copy,
@@ -139,6 +140,19 @@ def test_decompression_is_capped(tmp_path) -> None:  # type: ignore[no-untyped-d
     for kind in ("xz", "gz", "zst"):
         with pytest.raises(InputError, match="more than"):
             read_capped(compress(bomb, kind), cap=1 << 20)
+
+
+def test_stripped_debian_vmlinux_exports_match_module_symvers(tmp_path, debian) -> None:  # type: ignore[no-untyped-def]
+    vmlinux = elfread.load_vmlinux(extract_vmlinux(debian.vmlinuz, tmp_path / "vmlinux"))
+    assert vmlinux.kind == "vmlinux"
+    assert vmlinux.symbols == ()  # the vmlinux inside a bzImage is stripped
+    lines = (debian.kdir / "Module.symvers").read_text().splitlines()
+    from_symvers = {ln.split("\t")[1] for ln in lines if ln.split("\t")[2] == "vmlinux"}
+    assert vmlinux.exports == from_symvers
+    assert "kallsyms_lookup_name" not in vmlinux.exports
+    assert vmlinux.build_id is not None and len(vmlinux.build_id) == 40
+    with pytest.raises(ElfFormatError, match="not a relocatable module"):
+        elfread.load_module(tmp_path / "vmlinux")
 
 
 # --- fixtures of other generations ---------------------------------------------------------------------------

@@ -255,3 +255,12 @@ def test_a_module_that_is_not_elf(tmp_path) -> None:  # type: ignore[no-untyped-
     bogus.write_text("nope")
     with pytest.raises(InputError, match=r"nf_conntrack\.ko: not an ELF file"):
         collect_symbol_facts(ProfileInputs(modules=[bogus]))
+
+
+def test_release_with_headers_only(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "6.1.0-56-rt-amd64" / "build").mkdir(parents=True)
+    monkeypatch.setattr(probe, "MODULES_ROOT", tmp_path)
+    inputs = probe.default_inputs(release="6.1.0-56-rt-amd64")
+    assert inputs.kdir == tmp_path / "6.1.0-56-rt-amd64" / "build"
+    with pytest.raises(InputError, match=r"only headers are installed for 6\.1\.0-56-rt-amd64; install"):
+        collect_symbol_facts(inputs)

@@ -184,7 +184,7 @@ def _parse(data: bytes, path: str, compression: str | None, expect: ImageKind | 
         kind=kind,
         compression=compression,
         sections=tuple(s.name for s in sections),
-        symbols=_read_symbols(sections, data, path),
+        symbols=_read_symbols(sections, data, path, required=kind == "module"),
         exports=frozenset(),
         modinfo={},
         build_id=None,
@@ -263,9 +263,12 @@ def _symtab(sections: tuple[Section, ...]) -> Section | None:
     return tabs[0] if tabs else None
 
 
-def _read_symbols(sections: tuple[Section, ...], data: bytes, path: str) -> tuple[Symbol, ...]:
+def _read_symbols(sections: tuple[Section, ...], data: bytes, path: str, *, required: bool) -> tuple[Symbol, ...]:
+    """Every .symtab entry; a stripped vmlinux has none (its exports still come from __ksymtab)."""
     tab = _symtab(sections)
     if tab is None:
+        if not required:
+            return ()
         raise ElfFormatError(f"{path}: no symbol table (.symtab): stripped file")
     if tab.link >= len(sections) or tab.size % _SYM.size:
         raise ElfFormatError(f"{path}: malformed .symtab header")
@@ -323,7 +326,53 @@ def _read_exports(image: ElfImage) -> frozenset[str]:
             if sym.name.startswith(("__kstrtab", "__kstrtabns")):
                 continue
             names.add(sym.name)
+    if image.kind == "vmlinux":
+        names |= _linked_ksymtab_names(image)
     return frozenset(names)
+
+
+# struct kernel_symbol in a linked image: PREL32 value/name/namespace (5.4+), PREL32 value/name (4.19-5.3),
+# absolute value/name pointers (older kernels, or no HAVE_ARCH_PREL32_RELOCATIONS)
+_KSYMTAB_FORMS = ((12, True), (8, True), (16, False))
+
+
+def _linked_ksymtab_names(image: ElfImage) -> set[str]:
+    """Exported names read from the __ksymtab entries themselves (works on a stripped vmlinux)."""
+    if "__ksymtab_strings" not in image.sections:
+        return set()
+    strings = image.section("__ksymtab_strings")
+    blob = image.section_bytes("__ksymtab_strings")
+    names: set[str] = set()
+    for sec in image._sections:
+        if sec.name not in ("__ksymtab", "__ksymtab_gpl", "__ksymtab_gpl_future") or sec.size == 0:
+            continue
+        raw = image.section_bytes(sec.name)
+        for size, prel in _KSYMTAB_FORMS:
+            found = _ksymtab_entries(raw, sec.addr, size, prel, strings.addr, blob)
+            if found is not None:
+                names |= found
+                break
+        else:
+            raise ElfFormatError(f"{image.path}: {sec.name} entries point outside __ksymtab_strings")
+    return names
+
+
+def _ksymtab_entries(raw: bytes, base: int, size: int, prel: bool, str_addr: int, blob: bytes) -> set[str] | None:
+    if len(raw) % size:
+        return None
+    names = set()
+    for pos in range(0, len(raw), size):
+        if prel:
+            (rel,) = struct.unpack_from("<i", raw, pos + 4)
+            where = base + pos + 4 + rel - str_addr
+        else:
+            (addr,) = struct.unpack_from("<Q", raw, pos + 8)
+            where = addr - str_addr
+        end = blob.find(b"\0", where) if 0 <= where < len(blob) else -1
+        if end <= where:
+            return None
+        names.add(blob[where:end].decode("utf-8", "replace"))
+    return names
 
 
 def _read_modinfo(image: ElfImage) -> dict[str, tuple[str, ...]]:

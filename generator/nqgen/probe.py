@@ -186,8 +186,12 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
     if inputs.kdir is not None:
         sources["kdir"] = str(inputs.kdir)
     if not inputs.modules:
-        where = f" under {MODULES_ROOT / inputs.release}/kernel" if inputs.release else ""
-        raise InputError(f"no nf_conntrack module found{where}: pass --module")
+        where, hint = "", "pass --module"
+        if inputs.release:
+            where = f" under {MODULES_ROOT / inputs.release}/kernel"
+            if not (MODULES_ROOT / inputs.release / "kernel").is_dir():
+                hint = f"only headers are installed for {inputs.release}; install its kernel image or pass --module"
+        raise InputError(f"no nf_conntrack module found{where}: {hint}")
     images = []
     for path in inputs.modules:
         image = elfread.load_module(Path(path))
