@@ -116,6 +116,147 @@ def test_debian_61_flavours(debian: DebianKernel, flavour: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One minimal header tree per generation, checked against kernel-compat.md's matrix
+
+# Upstream 4.19 (G1, pre-fix): the reference row; every other generation lists what differs from it.
+UPSTREAM_419: dict[str, object] = {
+    "hookfn_form": "priv_state",
+    "registration": "pernet",
+    "ops_has_owner": False,
+    "skb_nfct_accessor": True,
+    "skb_nfct_field": "_nfct",
+    "has_nf_ct_is_untracked": False,
+    "hook_storage": "entries",
+    "nf_stop_honoured": False,
+    "ftrace_regs_form": "pt_regs",
+    "ftrace_set_ip": "regs_ip",
+    "ftrace_recursion_flag": "RECURSION_SAFE",
+    "livepatch_api": "register_enable",
+    "has_ecache_exist": False,
+    "confirm_generation": "G1",
+    "confirm_has_vrf_check": False,
+    "fix_present": False,
+    "kallsyms_lookup_name_exported": True,
+    "nf_confirm_exported": False,
+}
+RHEL7 = {
+    **UPSTREAM_419,
+    "hookfn_form": "ops_state",
+    "registration": "global",
+    "ops_has_owner": True,
+    "skb_nfct_field": "nfct",
+    "has_nf_ct_is_untracked": True,
+    "hook_storage": "list",
+    "nf_stop_honoured": True,
+    "livepatch_api": "enable",
+}
+G2 = {"livepatch_api": "enable", "confirm_generation": "G2", "nf_confirm_exported": True}
+FTRACE_REGS = {"ftrace_regs_form": "ftrace_regs", "ftrace_recursion_flag": "RECURSION"}
+FIXED_6X = {"has_ecache_exist": True, "confirm_has_vrf_check": True, "fix_present": True}
+UPSTREAM_515 = {
+    **UPSTREAM_419, **G2, **FTRACE_REGS, "ftrace_set_ip": "ftrace_instruction_pointer_set",
+    "kallsyms_lookup_name_exported": False,
+}  # fmt: skip
+G3_6X = {
+    **UPSTREAM_515, **FIXED_6X, "confirm_generation": "G3", "ftrace_set_ip": "ftrace_regs_set_instruction_pointer",
+}  # fmt: skip
+GENERATIONS: dict[str, dict[str, object]] = {
+    "rhel7-early": {**RHEL7, "hookfn_form": "okfn", "skb_nfct_accessor": False, "livepatch_api": "none"},
+    "rhel7.9": RHEL7,
+    "rhel8.3": {**UPSTREAM_419, "livepatch_api": "enable"},
+    "4.19": UPSTREAM_419,
+    "5.4": {**UPSTREAM_419, **G2},
+    "5.10": {**UPSTREAM_419, **G2, "kallsyms_lookup_name_exported": False},
+    "5.15": UPSTREAM_515,
+    "6.1-src": {**UPSTREAM_515, **FIXED_6X},
+    "6.6": G3_6X,
+    "6.12": G3_6X,
+}
+MODULE_SYMBOLS = {
+    "G1": frozenset({"ipv4_confirm", "ipv4_helper"}),
+    "G2": frozenset({"ipv4_confirm", "nf_confirm"}),
+    "G3": frozenset({"nf_confirm"}),
+}
+
+
+def fixture_config(kdir: Path) -> ConfigFlags:
+    text = (kdir / ".config").read_text()
+    livepatch = "\nCONFIG_LIVEPATCH=y\n" in text
+    return config_flags(livepatch=livepatch, with_args="CONFIG_DYNAMIC_FTRACE_WITH_ARGS=y" in text)
+
+
+@pytest.mark.parametrize("generation", sorted(GENERATIONS))
+def test_generation_fixture(generation: str) -> None:
+    kdir = FIXTURES / generation
+    expected = GENERATIONS[generation]
+    features = headers.probe_features(
+        kdir,
+        exports=symvers_exports(kdir / "Module.symvers"),
+        module_symbols=MODULE_SYMBOLS[str(expected["confirm_generation"])],
+        config=fixture_config(kdir),
+    )
+    check(features, expected)
+    assert len(features.evidence) == len(UPSTREAM_419)
+    assert not any("DISAGREES" in line or "guessed" in line for line in features.evidence)
+
+
+SOURCE_MARKERS = ("@", "kernel-compat.md", "Debian", "upstream v", "search index")
+
+
+def test_every_fixture_file_names_its_source() -> None:
+    for path in FIXTURES.rglob("*.[hc]"):
+        if "generated" in path.parts:
+            continue  # one-line utsrelease.h, as the kernel build writes it
+        head = path.read_text()[:600]
+        assert head.startswith("/*") and any(m in head for m in SOURCE_MARKERS), path
+
+
+def test_rhel7_genksyms_branch_is_the_one_compiled() -> None:
+    features = probe(FIXTURES / "rhel7.9")
+    line = next(e for e in features.evidence if e.startswith("hookfn_form="))
+    assert "const struct nf_hook_state *state)" in line and "(*okfn)" not in line
+
+
+def test_source_tree_decides_nf_stop_and_vrf_from_code() -> None:
+    features = probe(FIXTURES / "6.1-src", MODULE_SYMBOLS["G2"])
+    by_name = {line.split("=", 1)[0]: line for line in features.evidence}
+    assert "net/netfilter/core.c nf_hook_slow() does not handle NF_STOP" in by_name["nf_stop_honoured"]
+    assert "nf_conntrack_proto.c ipv4_confirm() tests netif_is_l3_master" in by_name["confirm_has_vrf_check"]
+
+
+def test_stable_backport_of_the_fix_is_detected(tmp_path: Path) -> None:
+    """5.15.45 and the other stable lines re-fetch ct but keep `likely(ret == NF_ACCEPT)` (no ecache test)."""
+    kdir = _copy_tree("5.15", tmp_path / "kdir")
+    core = kdir / "include/net/netfilter/nf_conntrack_core.h"
+    text = core.read_text()
+    old = "\t\tif (!nf_ct_is_confirmed(ct))\n\t\t\tret = __nf_conntrack_confirm(skb);\n"
+    assert old in text
+    core.write_text(
+        text.replace(
+            old,
+            "\t\tif (!nf_ct_is_confirmed(ct)) {\n\t\t\tret = __nf_conntrack_confirm(skb);\n\n"
+            "\t\t\tif (ret == NF_ACCEPT)\n\t\t\t\tct = (struct nf_conn *)skb_nfct(skb);\n\t\t}\n",
+        )
+    )
+    assert probe(kdir, MODULE_SYMBOLS["G2"]).fix_present
+    assert not probe(FIXTURES / "5.15", MODULE_SYMBOLS["G2"]).fix_present
+
+
+def test_set_ip_falls_back_to_regs_without_ftrace_with_args(tmp_path: Path) -> None:
+    kdir = _copy_tree("5.15", tmp_path / "kdir")
+    config = kdir / ".config"
+    config.write_text(config.read_text().replace("CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS=y\n", ""))
+    features = probe(kdir, MODULE_SYMBOLS["G2"], with_args=False)
+    assert (features.ftrace_regs_form, features.ftrace_set_ip) == ("ftrace_regs", "regs_ip")
+
+
+def test_module_that_disagrees_with_headers_is_flagged() -> None:
+    features = probe(FIXTURES / "6.6", MODULE_SYMBOLS["G2"])
+    assert features.confirm_generation == "G3"
+    assert any("DISAGREES" in line for line in features.evidence)
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors and edge cases
 
 

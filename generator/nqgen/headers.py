@@ -183,6 +183,24 @@ def find_body(text: str, pattern: str) -> str | None:
     return balanced(text, m.end() - 1)
 
 
+def function_body(text: str, head: str) -> str | None:
+    """Body of the first function definition whose head (up to the name) matches ``head``.
+
+    The parameter list is matched with balanced parentheses, so parameters that are function
+    pointers (``int (*okfn)(struct sk_buff *)``) do not end it early; prototypes are skipped.
+    """
+    for m in re.finditer(head + r"\s*\(", text):
+        params_end = m.end() - 1
+        params = balanced(text, params_end)
+        if params is None:
+            return None
+        after = params_end + len(params) + 2
+        brace = re.match(r"\s*\{", text[after:])
+        if brace:
+            return balanced(text, after + brace.end() - 1)
+    return None
+
+
 def compact(params: list[str]) -> str:
     return ", ".join(params)
 
@@ -350,7 +368,7 @@ def _skb_field(text: str) -> str:
 
 def _fix(core: str) -> tuple[bool, bool, str]:
     """(inline found, fix present, evidence) from the inline nf_conntrack_confirm()."""
-    body = find_body(core, r"\bint\s+nf_conntrack_confirm\s*\(\s*struct\s+sk_buff\s*\*\s*\w+\s*\)")
+    body = function_body(core, r"\bint\s+nf_conntrack_confirm")
     if body is None:
         return False, False, f"no inline nf_conntrack_confirm() in {CT_CORE_H}"
     call = re.search(r"__nf_conntrack_confirm\s*\(", body)
@@ -410,7 +428,7 @@ def _vrf(tree: HeaderTree) -> tuple[bool | None, str]:
         if text is None:
             continue
         for name in ("ipv4_confirm", "nf_confirm"):
-            body = find_body(text, rf"\bunsigned\s+int\s+{name}\s*\(\s*void\s*\*\s*priv[^)]*\)")
+            body = function_body(text, rf"\bunsigned\s+int\s+{name}")
             if body is not None:
                 vrf = bool(re.search(r"\b(netif_is_l3_master|in_vrf_postrouting)\s*\(", body))
                 return vrf, f"{rel} {name}()"
@@ -463,7 +481,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
 
     stop: bool | None = None
     if nf_core_c is not None:
-        slow = find_body(nf_core_c, r"\bint\s+nf_hook_slow\s*\([^)]*\)")
+        slow = function_body(nf_core_c, r"\bint\s+nf_hook_slow")
         stop = None if slow is None else bool(re.search(r"\bNF_STOP\b", slow))
     vrf, vrf_src = _vrf(tree)
 
