@@ -222,6 +222,9 @@ def test_source_tree_decides_nf_stop_and_vrf_from_code() -> None:
     by_name = {line.split("=", 1)[0]: line for line in features.evidence}
     assert "net/netfilter/core.c nf_hook_slow() does not handle NF_STOP" in by_name["nf_stop_honoured"]
     assert "nf_conntrack_proto.c ipv4_confirm() tests netif_is_l3_master" in by_name["confirm_has_vrf_check"]
+    rhel7 = probe(FIXTURES / "rhel7-early", MODULE_SYMBOLS["G1"])
+    assert rhel7.nf_stop_honoured
+    assert any("nf_hook_slow() handles NF_STOP" in line for line in rhel7.evidence)
 
 
 def test_stable_backport_of_the_fix_is_detected(tmp_path: Path) -> None:
