@@ -3,8 +3,8 @@
  * nq_queue: an NFQUEUE consumer over raw netlink (no libraries, links fully static).
  *
  * Binds queues BASE..BASE+COUNT-1 (metadata copy mode, a long queue), and accepts every packet
- * DELAY_US microseconds after it was read.  Creates READY_FILE once every queue is bound, runs until
- * SIGTERM/SIGINT, then prints one JSON line:
+ * DELAY_US microseconds after it was read (packets read in one batch are held together).
+ * Creates READY_FILE once every queue is bound, runs until SIGTERM/SIGINT, then prints one JSON line:
  *   {"type":"queue","base":B,"count":C,"bound":N,"bind_error":E,"packets":P,"accepted":A,
  *    "verdict_errors":V,"enobufs":X}
  *
@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #define BUFSZ (1 << 16)
+#define MAX_HELD (BUFSZ / 64)
 
 static volatile sig_atomic_t stop;
 static unsigned int seq;
@@ -126,6 +127,9 @@ int main(int argc, char **argv)
 	const char *ready = NULL;
 	struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
 	static char buf[BUFSZ];
+	static unsigned short held_queue[MAX_HELD];
+	static unsigned int held_id[MAX_HELD];
+	int held;
 	struct sigaction act;
 
 	while ((opt = getopt(argc, argv, "b:c:d:r:")) != -1) {
@@ -180,6 +184,7 @@ int main(int argc, char **argv)
 				enobufs++;
 			continue;
 		}
+		held = 0;
 		for (h = (struct nlmsghdr *)buf; NLMSG_OK(h, (unsigned int)n); h = NLMSG_NEXT(h, n)) {
 			struct nfgenmsg *g = NLMSG_DATA(h);
 			struct nlattr *a;
@@ -195,17 +200,25 @@ int main(int argc, char **argv)
 					struct nfqnl_msg_packet_hdr *ph = (void *)((char *)a + NLA_HDRLEN);
 
 					packets++;
-					if (delay_us > 0)
-						usleep((useconds_t)delay_us);
-					if (verdict(fd, ntohs(g->res_id), ph->packet_id) == 0)
-						accepted++;
-					else
-						verdict_errors++;
+					if (held < MAX_HELD) {
+						held_queue[held] = ntohs(g->res_id);
+						held_id[held] = ph->packet_id;
+						held++;
+					}
 					break;
 				}
 				rem -= NLA_ALIGN(a->nla_len);
 				a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len));
 			}
+		}
+		/* hold the whole batch read at once for delay_us, then accept it */
+		if (held && delay_us > 0)
+			usleep((useconds_t)delay_us);
+		for (i = 0; i < held; i++) {
+			if (verdict(fd, held_queue[i], held_id[i]) == 0)
+				accepted++;
+			else
+				verdict_errors++;
 		}
 	}
 out:

@@ -1,0 +1,148 @@
+"""``nqgen lab``: boot the target kernel under qemu and measure every generated module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import InputError, LabError
+from .guest import MAX_ROUNDS, Workload
+from .kernel import default_cache_dir, default_image, resolve_image
+from .manifest import discover
+from .report import measured_markdown, terminal_table, write_chart
+from .results import RunResult
+from .runner import LabConfig, RunSpec, lab_json, run_lab
+
+_PATH = click.Path(path_type=Path)
+
+
+def _inputs(out: Path) -> dict[str, Any]:
+    path = out / "inputs.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _is_kasan(path: Path) -> bool:
+    """Whether the kernel image to boot is built with KASAN (its report format string is in the image)."""
+    with path.open("rb") as f:
+        return b"BUG: KASAN: " in f.read()
+
+
+def _progress(verbose: bool) -> Any:
+    def report(i: int, n: int, spec: RunSpec, result: RunResult | None) -> None:
+        if result is None:
+            if verbose:
+                click.echo(f"[{i}/{n}] {spec.name}: booting", err=True)
+            return
+        ct = result.workload_ct
+        clash = "unknown" if ct is None else str(ct.get("clashres", "?"))
+        calls = result.corrected_calls
+        parts = [
+            f"[{i}/{n}] {spec.name}: {result.verdict}",
+            f"{result.received()}/{result.sent()} delivered",
+            f"clashres {clash}",
+            f"reports {len(result.faults)}",
+        ]
+        if calls is not None:
+            parts.append(f"corrected confirms {calls}")
+        if result.unload is not None:
+            parts.append("unloaded" if result.unload.ok else "UNLOAD FAILED")
+        parts.append(f"{result.seconds:.1f} s")
+        click.echo(", ".join(parts), err=True)
+
+    return report
+
+
+@click.command("lab")
+@click.option("--out", "out", type=_PATH, default=Path("out"), show_default=True, help="Generated output directory.")
+@click.option("--kernel", type=_PATH, help="vmlinuz/bzImage or ELF vmlinux (default: the target's installed image).")
+@click.option("--modules-dir", type=_PATH, help="The /lib/modules/<release> tree of that kernel.")
+@click.option("--kdir", type=_PATH, help="Kernel build tree to build the lab's helper module against.")
+@click.option("--strategy", "strategies", multiple=True, help="Strategy to measure (repeatable; default all built).")
+@click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), default=500, show_default=True,
+              help="Flows per family; each starts with THREADS racing datagrams.")
+@click.option("--threads", type=click.IntRange(1, 16), default=2, show_default=True, help="Racing senders per flow.")
+@click.option("--queue-delay-us", type=click.IntRange(0, 1_000_000), default=200, show_default=True,
+              help="How long the NFQUEUE consumer holds packets before accepting.")
+@click.option("--families", type=click.Choice(["46", "4", "6"]), default="46", show_default=True)
+@click.option("--smp", type=click.IntRange(1, 64), default=2, show_default=True, help="vCPUs.")
+@click.option("--memory", default=None, help="Guest RAM (default 512M, 1G for a KASAN kernel).")
+@click.option("--timeout", type=click.FloatRange(5, 3600), default=180.0, show_default=True, help="Seconds per boot.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Also boot without mitigation (with and without NFQUEUE).")
+@click.option("--json", "as_json", is_flag=True, help="Print lab.json to stdout instead of the table.")
+@click.option("--append", default="", help="Extra kernel command line.")
+def lab(
+    out: Path,
+    kernel: Path | None,
+    modules_dir: Path | None,
+    kdir: Path | None,
+    strategies: tuple[str, ...],
+    rounds: int,
+    threads: int,
+    queue_delay_us: int,
+    families: str,
+    smp: int,
+    memory: str | None,
+    timeout: float,
+    baselines: bool,
+    as_json: bool,
+    append: str,
+) -> None:
+    """Boot the kernel under qemu (TCG): baselines, then one boot per generated strategy, and report."""
+    if not out.is_dir():
+        raise InputError(f"--out {out}: no such directory (run nqgen first)")
+    inputs = _inputs(out)
+    release = inputs.get("release") if isinstance(inputs.get("release"), str) else None
+    image = resolve_image(kernel or default_image(release), default_cache_dir())
+    if modules_dir is None:
+        modules_dir = Path("/lib/modules") / image.release
+    if not (modules_dir / "modules.dep").is_file():
+        raise InputError(f"{modules_dir}/modules.dep not found: pass --modules-dir for kernel {image.release}")
+    if kdir is None:
+        kdir = Path(str(inputs["kdir"])) if inputs.get("kdir") else modules_dir / "build"
+    manifests = discover(out, strategies)
+    if memory is None:
+        memory = "1G" if _is_kasan(image.boot_path) else "512M"
+    config = LabConfig(
+        kernel=image,
+        modules_dir=modules_dir,
+        kdir=kdir,
+        workload=Workload(rounds=rounds, threads=threads, families=families, queue_delay_us=queue_delay_us),
+        smp=smp,
+        memory=memory,
+        timeout=timeout,
+        baselines=baselines,
+        logs_dir=out / "lab-logs",
+        append=append,
+    )
+    click.echo(
+        f"lab: {image.release} ({image.boot_mode}), {len(manifests)} strategies"
+        f"{' + 2 baselines' if baselines else ''}, {rounds} rounds x {threads} threads",
+        err=True,
+    )
+    result = run_lab(config, manifests, _progress(verbose=False))
+    data = lab_json(result)
+    (out / "lab.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_chart(data, out / "lab.png")
+    (out / "LAB.md").write_text(measured_markdown(data))
+    from .. import compare
+
+    if hasattr(compare, "refresh") and (out / compare.COMPARISON_JSON).is_file():
+        compare.refresh(out)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(terminal_table(data))
+        click.echo(f"wrote {out / 'lab.json'}, {out / 'lab.png'}")
+    if result.failed:
+        why = "; ".join(f"{r.name}: {', '.join(r.problems) or r.verdict}" for r in result.failed)
+        raise LabError(why)
