@@ -117,3 +117,15 @@ def extract_vmlinux(bzimage: Path, out: Path) -> Path:
             return out
         start = data.find(b"\xfd7zXZ\x00", start + 1)
     pytest.skip(f"{bzimage} holds no xz-compressed ELF vmlinux")
+
+
+def link_vmlinux(tmp_path: Path, objects: Sequence[Path], name: str = "vmlinux") -> Path:
+    """Link fixture objects with the stubs into a vmlinux-like ET_EXEC (fixtures/elf/vmlinux.lds, --build-id)."""
+    stubs = build_module(tmp_path, "vmlinux_stubs.c", "vmlinux_stubs.o", ["-O2", "-fno-pic", "-mcmodel=kernel"],
+                         base_flags=False)  # fmt: skip
+    out = tmp_path / name
+    argv = ["ld", "--build-id=sha1", "-T", str(FIXTURES / "vmlinux.lds"), *map(str, objects), str(stubs), "-o"]
+    proc = subprocess.run([*argv, str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"ld failed:\n{proc.stderr}")
+    return out

@@ -15,6 +15,7 @@ from elffixtures import (
     compress,
     extract_vmlinux,
     link_relocatable,
+    link_vmlinux,
     patched_copy,
     truncated_copy,
 )
@@ -153,6 +154,27 @@ def test_stripped_debian_vmlinux_exports_match_module_symvers(tmp_path, debian) 
     assert vmlinux.build_id is not None and len(vmlinux.build_id) == 40
     with pytest.raises(ElfFormatError, match="not a relocatable module"):
         elfread.load_module(tmp_path / "vmlinux")
+
+
+def test_linked_vmlinux_with_absolute_ksymtab_and_mcount_range(tmp_path, rhel7) -> None:  # type: ignore[no-untyped-def]
+    path = link_vmlinux(tmp_path, [rhel7])
+    image = elfread.load_vmlinux(path)
+    assert image.exports == {"need_ipv4_conntrack", "nf_ct_l3proto_ipv4_hidden_export"}
+    m = re.search(r"Build ID: ([0-9a-f]+)", readelf("-n", str(path)))
+    assert m is not None and image.build_id == m[1]
+    confirm = elfread.require_function(image, "ipv4_confirm")
+    assert confirm.section == ".text" and confirm.value >= 0xFFFFFFFF81000000
+    assert image.is_traceable(confirm)
+    assert not image.is_traceable(elfread.require_function(image, "nf_ct_ipv4_notrace"))
+    assert not image.is_traceable(elfread.require_function(image, "__fentry__"))
+    assert "__mcount_loc" not in image.sections  # folded into .init.data, found through its bounds
+
+
+def test_linked_vmlinux_with_prel32_ksymtab(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    g3 = build_module(tmp_path, "nf_conntrack_g3.c", "g3.o")
+    image = elfread.load_vmlinux(link_vmlinux(tmp_path, [g3]))
+    assert image.exports == {"nf_confirm"}
+    assert image.is_traceable(elfread.require_function(image, "nf_confirm"))
 
 
 # --- fixtures of other generations ---------------------------------------------------------------------------
@@ -348,9 +370,10 @@ def test_corrupt_compressed_data(tmp_path, rhel7, kind) -> None:  # type: ignore
         elfread.load_module(packed)
 
 
-def test_hostile_mutations_raise_only_nqgen_errors(tmp_path, rhel7) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("linked", [False, True])
+def test_hostile_mutations_raise_only_nqgen_errors(tmp_path, rhel7, linked) -> None:  # type: ignore[no-untyped-def]
     """Random damage to the headers and tables either still parses or raises ElfFormatError/InputError."""
-    original = rhel7.read_bytes()
+    original = (link_vmlinux(tmp_path, [rhel7]) if linked else rhel7).read_bytes()
     rng = random.Random(49561)
     failures = 0
     for round_ in range(400):

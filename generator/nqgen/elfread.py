@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -342,36 +343,48 @@ def _linked_ksymtab_names(image: ElfImage) -> set[str]:
         return set()
     strings = image.section("__ksymtab_strings")
     blob = image.section_bytes("__ksymtab_strings")
+    alloc = [(s.addr, s.addr + s.size) for s in image._sections if s.flags & 0x2]  # SHF_ALLOC (percpu at 0)
     names: set[str] = set()
     for sec in image._sections:
         if sec.name not in ("__ksymtab", "__ksymtab_gpl", "__ksymtab_gpl_future") or sec.size == 0:
             continue
         raw = image.section_bytes(sec.name)
         for size, prel in _KSYMTAB_FORMS:
-            found = _ksymtab_entries(raw, sec.addr, size, prel, strings.addr, blob)
+            found = _ksymtab_entries(raw, sec.addr, size, prel, strings.addr, blob, alloc)
             if found is not None:
                 names |= found
                 break
         else:
-            raise ElfFormatError(f"{image.path}: {sec.name} entries point outside __ksymtab_strings")
+            raise ElfFormatError(f"{image.path}: {sec.name} entries match no struct kernel_symbol layout")
     return names
 
 
-def _ksymtab_entries(raw: bytes, base: int, size: int, prel: bool, str_addr: int, blob: bytes) -> set[str] | None:
+_IDENT = re.compile(rb"[A-Za-z_][A-Za-z0-9_.$]*")
+
+
+def _ksymtab_entries(
+    raw: bytes, base: int, size: int, prel: bool, str_addr: int, blob: bytes, alloc: list[tuple[int, int]]
+) -> set[str] | None:
+    """The names of entries of ``size`` bytes, or None when any entry does not decode to a valid one."""
     if len(raw) % size:
         return None
     names = set()
     for pos in range(0, len(raw), size):
         if prel:
-            (rel,) = struct.unpack_from("<i", raw, pos + 4)
-            where = base + pos + 4 + rel - str_addr
+            value_rel, name_rel = struct.unpack_from("<ii", raw, pos)
+            value = (base + pos + value_rel) & 0xFFFFFFFFFFFFFFFF  # per-cpu symbols are offsets from 0
+            where = base + pos + 4 + name_rel - str_addr
         else:
-            (addr,) = struct.unpack_from("<Q", raw, pos + 8)
-            where = addr - str_addr
-        end = blob.find(b"\0", where) if 0 <= where < len(blob) else -1
-        if end <= where:
+            value, name_addr = struct.unpack_from("<QQ", raw, pos)
+            where = name_addr - str_addr
+        if not 0 <= where < len(blob):
+            return None  # (the linker tail-merges these strings: a name may start mid-string)
+        if not any(lo <= value < hi for lo, hi in alloc):
+            return None  # the value is an address in the image
+        end = blob.find(b"\0", where)
+        if end < 0 or _IDENT.fullmatch(blob, where, end) is None:
             return None
-        names.add(blob[where:end].decode("utf-8", "replace"))
+        names.add(blob[where:end].decode("ascii"))
     return names
 
 
@@ -406,6 +419,7 @@ def _read_build_id(image: ElfImage) -> str | None:
 
 
 def _read_trace_sites(image: ElfImage) -> frozenset[tuple[str, int]]:
+    """(section, offset) of every ftrace call site of a module; (section, address) for a linked image."""
     sites: set[tuple[str, int]] = set()
     for name in _TRACE_SECTIONS:
         if name not in image.sections:
@@ -413,18 +427,27 @@ def _read_trace_sites(image: ElfImage) -> frozenset[tuple[str, int]]:
         sec = image.section(name)
         if image.kind == "module":
             sites.update(rel.target for rel in _relocations_for(image, sec.index))
-            continue
-        raw = image.section_bytes(name)
-        for (addr,) in struct.iter_unpack("<Q", raw[: len(raw) // 8 * 8]):
-            sites.add((_section_of_address(image, addr), addr))
+        else:
+            sites.update(_addresses(image, image.section_bytes(name)))
+    if image.kind == "vmlinux":
+        # vmlinux's linker script folds __mcount_loc into .init.data between these two symbols
+        start, stop = image.find("__start_mcount_loc"), image.find("__stop_mcount_loc")
+        if len(start) == 1 and len(stop) == 1 and start[0].section == stop[0].section:
+            sec = image.section(start[0].section)
+            lo, hi = start[0].value - sec.addr, stop[0].value - sec.addr
+            if not 0 <= lo <= hi <= sec.size:
+                raise ElfFormatError(f"{image.path}: __start_mcount_loc/__stop_mcount_loc outside {sec.name}")
+            sites.update(_addresses(image, image.section_bytes(sec.name)[lo:hi]))
     return frozenset(sites)
 
 
-def _section_of_address(image: ElfImage, addr: int) -> str:
-    for sec in image._sections:
-        if sec.addr and sec.addr <= addr < sec.addr + sec.size and sec.flags & 0x4:  # SHF_EXECINSTR
-            return sec.name
-    return ""
+def _addresses(image: ElfImage, raw: bytes) -> set[tuple[str, int]]:
+    text = sorted((s.addr, s.addr + s.size, s.name) for s in image._sections if s.addr and s.flags & 0x4)
+    out = set()
+    for (addr,) in struct.iter_unpack("<Q", raw[: len(raw) // 8 * 8]):
+        name = next((n for lo, hi, n in text if lo <= addr < hi), "")
+        out.add((name, addr))
+    return out
 
 
 # --- struct nf_hook_ops arrays ------------------------------------------------------------------------------
