@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from elffixtures import build_module, compress
-from nqgen import elfread, probe
+from nqgen import elfread, probe, symsources
 from nqgen.errors import InputError, SymbolError
 from nqgen.probe import ProfileInputs, collect_symbol_facts
 
@@ -264,3 +265,53 @@ def test_release_with_headers_only(tmp_path, monkeypatch) -> None:  # type: igno
     assert inputs.kdir == tmp_path / "6.1.0-56-rt-amd64" / "build"
     with pytest.raises(InputError, match=r"only headers are installed for 6\.1\.0-56-rt-amd64; install"):
         collect_symbol_facts(inputs)
+
+
+# --- the reference kernel built from Debian's source (make repro-kernel) ----------------------------------------
+
+
+def nm_values(path: Path) -> dict[str, int]:
+    out = subprocess.run(["nm", "--defined-only", str(path)], capture_output=True, text=True, check=True).stdout
+    values: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            values.setdefault(parts[2], int(parts[0], 16))
+    return values
+
+
+@pytest.mark.repro
+def test_reference_kernel_profile() -> None:
+    from nqgen import reprokernel
+
+    built = reprokernel.find_built()
+    if built is None:
+        pytest.skip("the reference kernel is not built (make repro-kernel)")
+    system_map = built.kdir / "System.map"
+    inputs = ProfileInputs(
+        kdir=built.kdir,
+        modules=probe.find_conntrack_modules(built.modules_dir),
+        vmlinux=built.vmlinux,
+        system_map=system_map,
+        config=built.kdir / ".config",
+        symvers=built.kdir / "Module.symvers",
+    )
+    facts = collect_symbol_facts(inputs)
+    assert facts.release == built.release
+    nm = nm_values(Path(facts.module.path))
+    target = facts.confirm["ipv4"]
+    assert (target.function, target.anchor) == ("ipv4_confirm", "nf_confirm")
+    assert target.delta == nm["ipv4_confirm"] - nm["nf_confirm"]
+    assert target.traceable
+    assert "kallsyms_lookup_name" not in facts.exports
+    # the built vmlinux has its symbol table: addresses agree with System.map, ftrace sites with notrace files
+    vmlinux = elfread.load_vmlinux(built.vmlinux)
+    listing = symsources.parse_symbol_list(system_map)
+    for name in ("nf_hook_slow", "sprint_symbol", "native_sched_clock"):
+        (entry,) = listing.lookup(name)
+        (sym,) = [s for s in vmlinux.find(name) if s.kind == "FUNC"]
+        assert sym.value == entry.address
+    assert vmlinux.is_traceable(elfread.require_function(vmlinux, "nf_hook_slow"))
+    assert not vmlinux.is_traceable(elfread.require_function(vmlinux, "native_sched_clock"))  # tsc.c: no -pg
+    symvers = symsources.parse_symvers(built.kdir / "Module.symvers")
+    assert vmlinux.exports == {name for name, e in symvers.items() if e.module == "vmlinux"}
