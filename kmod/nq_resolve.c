@@ -82,6 +82,47 @@ static bool nq_target_check(const struct nq_target *t, unsigned long addr)
 	return true;
 }
 
+{%- if cookiecutter.target.resolve == "kallsyms" %}
+
+/*
+ * A looked-up address does not pin its module (a symbol reference would):
+ * hold a reference on the owner of each target until nq_release_targets().
+ */
+static struct module *nq_owners[NQ_NTARGETS];
+
+static int nq_pin_owner(int i, unsigned long addr)
+{
+	struct module *mod;
+
+	preempt_disable();
+	mod = __module_address(addr);
+	if (mod && !try_module_get(mod))
+		mod = NULL;
+	preempt_enable();
+	if (!mod)
+		return -ENOENT;
+	nq_owners[i] = mod;
+	return 0;
+}
+
+void nq_release_targets(void)
+{
+	int i;
+
+	for (i = 0; i < NQ_NTARGETS; i++) {
+		if (nq_owners[i])
+			module_put(nq_owners[i]);
+		nq_owners[i] = NULL;
+	}
+}
+{%- else %}
+
+void nq_release_targets(void)
+{
+	/* the anchor symbols pin the modules: nothing to release */
+}
+{%- endif %}
+
 int nq_resolve_targets(void)
 {
 	int i;
@@ -93,11 +134,21 @@ int nq_resolve_targets(void)
 		if (!addr) {
 			pr_err("%s: cannot find %s in [%s]; refusing to load\n",
 			       t->family, t->name, t->module);
-			return -ENOENT;
+			goto err;
 		}
 		if (!nq_target_check(t, addr))
-			return -ENOENT;
+			goto err;
+{%- if cookiecutter.target.resolve == "kallsyms" %}
+		if (nq_pin_owner(i, addr)) {
+			pr_err("%s: [%s] is going away\n", t->family, t->module);
+			goto err;
+		}
+{%- endif %}
 		t->addr = addr;
 	}
 	return 0;
+
+err:
+	nq_release_targets();
+	return -ENOENT;
 }

@@ -27,4 +27,7 @@ extern struct nq_target nq_targets[NQ_NTARGETS];
  */
 int nq_resolve_targets(void);
 
+/* Undo nq_resolve_targets() (drops module references it took, if any). */
+void nq_release_targets(void);
+
 #endif /* NQ_RESOLVE_H */

@@ -22,6 +22,7 @@ struct nq_stats {
 DECLARE_PER_CPU(struct nq_stats, nq_stats);
 
 #define nq_count(name) this_cpu_inc(nq_stats.cnt[NQ_CNT_##name])
+#define nq_count_add(name, n) this_cpu_add(nq_stats.cnt[NQ_CNT_##name], (n))
 
 int nq_stats_init(void);
 void nq_stats_exit(void);

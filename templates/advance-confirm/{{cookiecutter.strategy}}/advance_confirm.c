@@ -172,17 +172,24 @@ static int __init nq_init(void)
 {%- endif %}
 	ret = nq_stats_init();
 	if (ret)
-		return ret;
+		goto err_targets;
 	ret = nq_hooks_register(nq_ops, ARRAY_SIZE(nq_ops));
 	if (ret) {
 		pr_err("cannot register hooks: %d\n", ret);
-		nq_stats_exit();
-		return ret;
+		goto err_stats;
 	}
 	pr_info("UDP at POST_ROUTING ({{ cookiecutter.target.families | map(attribute="family") | join(", ") }}) to queues %u..%u%s, confirm %s ({{ "the kernel's " ~ (cookiecutter.target.families | map(attribute="function") | unique | join("/")) if cookiecutter.strategy == "advance-confirm" else "nqgen's corrected confirm" }})\n",
 		queue_base, queue_base + queues - 1,
 		bypass ? " with bypass" : "", confirm ? "on" : "off");
 	return 0;
+
+err_stats:
+	nq_stats_exit();
+err_targets:
+{%- if cookiecutter.strategy == "advance-confirm" %}
+	nq_release_targets();
+{%- endif %}
+	return ret;
 }
 
 static void __exit nq_exit(void)
@@ -190,6 +197,9 @@ static void __exit nq_exit(void)
 	/* waits for packets in the hooks; the kernel flushes the queues */
 	nq_hooks_unregister();
 	nq_stats_exit();
+{%- if cookiecutter.strategy == "advance-confirm" %}
+	nq_release_targets();
+{%- endif %}
 	pr_info("unloaded: hooks removed\n");
 }
 

@@ -92,7 +92,7 @@ static int __init nq_init(void)
 		return ret;
 	ret = nq_stats_init();
 	if (ret)
-		return ret;
+		goto err_targets;
 	for (i = 0; i < NQ_NTARGETS; i++) {
 		if (!nq_first_of_addr(i))
 			continue;
@@ -118,6 +118,8 @@ static int __init nq_init(void)
 err_filters:
 	nq_remove_filters(i);
 	nq_stats_exit();
+err_targets:
+	nq_release_targets();
 	return ret;
 }
 
@@ -128,6 +130,7 @@ static void __exit nq_exit(void)
 	/* redirected calls run inside the hooks' RCU read side */
 	synchronize_net();
 	nq_stats_exit();
+	nq_release_targets();
 	pr_info("unloaded: %s restored\n",
 		"{{ cookiecutter.target.families | map(attribute="function") | unique | join(", ") }}");
 }

@@ -1,0 +1,32 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * {{ cookiecutter.module_name }}: the counters in /sys/kernel/{{ cookiecutter.module_name }}/
+ * (the same list as "counters" in nqgen-module.json).
+ *
+ * confirm_calls: corrected confirm runs; clashes: the skb's entry changed
+ * across __nf_conntrack_confirm() (the case the bug crashes on);
+ * events_delivered: nf_ct_deliver_cached_events() calls; confirm_drops:
+ * __nf_conntrack_confirm() did not accept; swapped: hook slots switched to
+ * the corrected copy (a slot registered again counts again); rescans:
+ * scans of the hook tables.
+ */
+{%- set counters = ["confirm_calls", "clashes", "events_delivered", "confirm_drops", "swapped", "rescans"] %}
+#ifndef NQ_COUNTERS_H
+#define NQ_COUNTERS_H
+
+enum nq_counter {
+{%- for c in counters %}
+	NQ_CNT_{{ c }},
+{%- endfor %}
+	NQ_CNT_MAX
+};
+
+#ifdef NQ_STATS_DEFINE_NAMES
+static const char * const nq_counter_names[NQ_CNT_MAX] = {
+{%- for c in counters %}
+	"{{ c }}",
+{%- endfor %}
+};
+#endif
+
+#endif /* NQ_COUNTERS_H */
