@@ -11,7 +11,7 @@ import pytest
 
 from elffixtures import build_module, compress
 from nqgen import elfread, probe, symsources
-from nqgen.errors import InputError, SymbolError
+from nqgen.errors import InputError, NotApplicableError, SymbolError
 from nqgen.probe import ProfileInputs, collect_symbol_facts
 
 INT_MAX = 2**31 - 1
@@ -315,3 +315,10 @@ def test_reference_kernel_profile() -> None:
     assert not vmlinux.is_traceable(elfread.require_function(vmlinux, "native_sched_clock"))  # tsc.c: no -pg
     symvers = symsources.parse_symvers(built.kdir / "Module.symvers")
     assert vmlinux.exports == {name for name, e in symvers.items() if e.module == "vmlinux"}
+
+
+def test_builtin_conntrack_is_not_applicable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "config"
+    config.write_text("CONFIG_MODULES=y\nCONFIG_NF_CONNTRACK=y\n")
+    with pytest.raises(NotApplicableError, match="CONFIG_NF_CONNTRACK=y: conntrack is built into the kernel"):
+        collect_symbol_facts(ProfileInputs(config=config))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nqgen import elfread, symsources
 from nqgen.elfread import ElfImage
-from nqgen.errors import ElfFormatError, InputError, SymbolError
+from nqgen.errors import ElfFormatError, InputError, NotApplicableError, SymbolError
 from nqgen.profile import ConfirmTarget, HookEntry, KernelProfile, ModuleInfo, Symbol
 
 MODULES_ROOT = Path("/lib/modules")
@@ -186,12 +186,7 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
     if inputs.kdir is not None:
         sources["kdir"] = str(inputs.kdir)
     if not inputs.modules:
-        where, hint = "", "pass --module"
-        if inputs.release:
-            where = f" under {MODULES_ROOT / inputs.release}/kernel"
-            if not (MODULES_ROOT / inputs.release / "kernel").is_dir():
-                hint = f"only headers are installed for {inputs.release}; install its kernel image or pass --module"
-        raise InputError(f"no nf_conntrack module found{where}: {hint}")
+        _no_modules(inputs)
     images = []
     for path in inputs.modules:
         image = elfread.load_module(Path(path))
@@ -245,6 +240,21 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
         sources=sources,
         warnings=tuple(warnings),
     )
+
+
+def _no_modules(inputs: ProfileInputs) -> None:
+    """Explain why no conntrack module is there: built into the kernel, headers only, or not found."""
+    if inputs.config is not None and symsources.parse_config(inputs.config).get("NF_CONNTRACK") == "y":
+        raise NotApplicableError(
+            f"{inputs.config}: CONFIG_NF_CONNTRACK=y: conntrack is built into the kernel; nqgen handles a modular "
+            "nf_conntrack only"
+        )
+    where, hint = "", "pass --module"
+    if inputs.release:
+        where = f" under {MODULES_ROOT / inputs.release}/kernel"
+        if not (MODULES_ROOT / inputs.release / "kernel").is_dir():
+            hint = f"only headers are installed for {inputs.release}; install its kernel image or pass --module"
+    raise InputError(f"no nf_conntrack module found{where}: {hint}")
 
 
 def _find_confirm(images: list[ElfImage], spec: FamilySpec) -> tuple[ElfImage, Symbol, tuple[HookEntry, ...]] | None:
