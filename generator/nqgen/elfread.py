@@ -20,14 +20,13 @@ from typing import Literal
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from nqgen.errors import ElfFormatError, InputError, SymbolError
+from nqgen.errors import ElfFormatError, SymbolError
 from nqgen.profile import NFPROTO_NAMES, HookEntry, Symbol
 from nqgen.symsources import read_capped
 
 ImageKind = Literal["module", "vmlinux"]
 
 EM_X86_64 = 62
-ET_REL = 1
 SHT_NOBITS = 8
 SHT_RELA = 4
 SHT_SYMTAB = 2
@@ -123,9 +122,10 @@ class ElfImage:
         raise ElfFormatError(f"{self.path}: no section {name}")
 
     def section_bytes(self, name: str) -> bytes:
+        """The file bytes of section ``name``; ElfFormatError for a section without any (.bss)."""
         sec = self.section(name)
         if sec.type == SHT_NOBITS:
-            return bytes(sec.size)
+            raise ElfFormatError(f"{self.path}: section {name} has no data in the file (NOBITS)")
         return self._data[sec.offset : sec.offset + sec.size]
 
     def relocations(self, name: str) -> tuple[Reloc, ...]:
@@ -548,7 +548,6 @@ def require_function(image: ElfImage, name: str) -> Symbol:
 
 __all__ = [
     "ElfImage",
-    "InputError",
     "OpsLayout",
     "Reloc",
     "Section",
