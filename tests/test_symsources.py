@@ -227,3 +227,16 @@ def test_read_capped_plain_file_over_cap(tmp_path) -> None:  # type: ignore[no-u
     with pytest.raises(InputError, match="larger than"):
         symsources.read_capped(path, cap=1024)
     assert symsources.read_capped(path, cap=4096) == (bytes(2048), None)
+
+
+@pytest.mark.parametrize("kind", ["xz", "gz", "zst"])
+def test_read_capped_large_incompressible_file(tmp_path, kind) -> None:  # type: ignore[no-untyped-def]
+    """Several MiB that do not compress: more than a pipe holds, in and out of the zstd command."""
+    import random
+
+    from elffixtures import compress
+
+    data = random.Random(49561).randbytes(3 << 20)
+    plain = tmp_path / "blob"
+    plain.write_bytes(data)
+    assert symsources.read_capped(compress(plain, kind)) == (data, kind)

@@ -50,7 +50,7 @@ def read_capped(path: Path, cap: int = MAX_DECOMPRESSED) -> tuple[bytes, str | N
         elif compression == "gz":
             out = zlib.decompressobj(wbits=31).decompress(raw, cap + 1)
         else:
-            out = _unzstd(raw, path, cap)
+            out = _unzstd(Path(path), cap)
     except (lzma.LZMAError, zlib.error, EOFError) as exc:
         raise InputError(f"{path}: corrupt {compression} data: {exc}") from None
     if len(out) > cap:
@@ -58,20 +58,18 @@ def read_capped(path: Path, cap: int = MAX_DECOMPRESSED) -> tuple[bytes, str | N
     return out, compression
 
 
-def _unzstd(raw: bytes, path: Path, cap: int) -> bytes:
+def _unzstd(path: Path, cap: int) -> bytes:
     """zstd through the ``zstd`` command (the python module is not a dependency); at most cap+1 bytes."""
     exe = shutil.which("zstd")
     if exe is None:
         raise InputError(f"{path}: zstd-compressed and no zstd command is installed")
     with subprocess.Popen(
-        [exe, "-d", "-c", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [exe, "-d", "-c", "-q", "--", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            proc.stdin.write(raw)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
+        assert proc.stdout is not None
         chunks, total = [], 0
         while total <= cap:
             chunk = proc.stdout.read(min(_CHUNK, cap + 1 - total))
@@ -81,10 +79,8 @@ def _unzstd(raw: bytes, path: Path, cap: int) -> bytes:
             total += len(chunk)
         if total > cap:
             proc.kill()
-            proc.wait()
-            return b"".join(chunks)
         rc = proc.wait()
-    if rc != 0:
+    if total <= cap and rc != 0:
         raise InputError(f"{path}: corrupt zstd data (zstd exited {rc})")
     return b"".join(chunks)
 
