@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from elffixtures import build_module, compress
+from elffixtures import build_module, compress, link_vmlinux
 from nqgen import elfread, probe, symsources
 from nqgen.errors import InputError, NotApplicableError, SymbolError
 from nqgen.probe import ProfileInputs, collect_symbol_facts
@@ -322,3 +322,42 @@ def test_builtin_conntrack_is_not_applicable(tmp_path) -> None:  # type: ignore[
     config.write_text("CONFIG_MODULES=y\nCONFIG_NF_CONNTRACK=y\n")
     with pytest.raises(NotApplicableError, match="CONFIG_NF_CONNTRACK=y: conntrack is built into the kernel"):
         collect_symbol_facts(ProfileInputs(config=config))
+
+
+def nm_system_map(vmlinux: Path, out: Path, slide: int = 0) -> Path:
+    """A System.map the way the kernel's scripts/mksysmap makes one (nm -n), optionally shifted."""
+    text = subprocess.run(["nm", "-n", str(vmlinux)], capture_output=True, text=True, check=True).stdout
+    lines = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            lines.append(f"{int(parts[0], 16) + slide:016x} {parts[1]} {parts[2]}")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_vmlinux_against_system_map_and_kallsyms(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    v4 = build_module(tmp_path, "nf_conntrack_ipv4_rhel7.c", "nf_conntrack_ipv4.ko")
+    vmlinux_path = link_vmlinux(tmp_path, [build_module(tmp_path, "nf_conntrack_g3.c", "g3.o")])
+    vmlinux = elfread.load_vmlinux(vmlinux_path)
+    same = symsources.parse_symbol_list(nm_system_map(vmlinux_path, tmp_path / "System.map"))
+    slid = symsources.parse_symbol_list(nm_system_map(vmlinux_path, tmp_path / "kallsyms", slide=0x2000000))
+    assert probe.vmlinux_check(same, vmlinux, slide_allowed=False) == []
+    assert probe.vmlinux_check(slid, vmlinux, slide_allowed=True) == []
+    (warning,) = probe.vmlinux_check(slid, vmlinux, slide_allowed=False)
+    assert "disagree on" in warning and "different builds" in warning
+    facts = collect_symbol_facts(ProfileInputs(modules=[v4], vmlinux=vmlinux_path, system_map=tmp_path / "System.map"))
+    assert facts.sources["vmlinux"] == str(vmlinux_path)
+    assert "nf_confirm" in facts.exports  # from the vmlinux's __ksymtab
+    assert not [w for w in facts.warnings if "different builds" in w]
+    facts = collect_symbol_facts(ProfileInputs(modules=[v4], vmlinux=vmlinux_path, system_map=tmp_path / "kallsyms"))
+    assert [w for w in facts.warnings if "different builds" in w]
+
+
+def test_modules_from_different_builds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    v4 = build_module(tmp_path, "nf_conntrack_ipv4_rhel7.c", "nf_conntrack_ipv4.ko")
+    v6 = build_module(tmp_path, "nf_hook_ops_layouts.c", "nf_conntrack_ipv6.ko", ["-DLAYOUT=2"])
+    facts = collect_symbol_facts(ProfileInputs(modules=[v4, v6]))
+    assert any(
+        w.startswith("the conntrack modules come from different builds: nf_conntrack_ipv4:") for w in facts.warnings
+    )

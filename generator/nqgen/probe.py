@@ -217,6 +217,7 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
         sources["symvers"] = str(inputs.symvers)
     else:
         warnings.append("no Module.symvers: exports are only the conntrack modules' own")
+    vmlinux = None
     if inputs.vmlinux is not None:
         vmlinux = elfread.load_vmlinux(inputs.vmlinux)
         exports |= vmlinux.exports
@@ -226,11 +227,17 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
 
     release, note = _release(main, inputs)
     warnings.extend(note)
+    magics = {i.name: (i.info("vermagic") or "").strip() for i in images}
+    if len(set(magics.values())) > 1:
+        warnings.append("the conntrack modules come from different builds: " + "; ".join(
+            f"{name}: {magic!r}" for name, magic in magics.items()))  # fmt: skip
     for kind, list_path in (("system_map", inputs.system_map), ("kallsyms", inputs.kallsyms)):
         if list_path is not None:
             listing = symsources.parse_symbol_list(list_path)
             sources[kind] = str(list_path)
             warnings.extend(cross_check(listing, confirm.values()))
+            if vmlinux is not None and vmlinux.symbols:
+                warnings.extend(vmlinux_check(listing, vmlinux, slide_allowed=kind == "kallsyms"))
     return SymbolFacts(
         release=release,
         module=_module_info(main),
@@ -380,6 +387,34 @@ def cross_check(listing: symsources.SymbolList, targets: Iterable[ConfirmTarget]
     return notes
 
 
+VMLINUX_SAMPLE = 64  # functions compared between a vmlinux and a System.map/kallsyms listing
+
+
+def vmlinux_check(listing: symsources.SymbolList, vmlinux: ElfImage, *, slide_allowed: bool) -> list[str]:
+    """Warn when a symbol listing and a vmlinux come from different builds.
+
+    System.map must give the vmlinux addresses exactly; kallsyms of a running kernel may add one KASLR slide.
+    """
+    if listing.addresses_hidden:
+        return []
+    ours: dict[str, list[int]] = {}
+    for sym in vmlinux.symbols:
+        if sym.kind == "FUNC" and sym.binding == "GLOBAL":
+            ours.setdefault(sym.name, []).append(sym.value)
+    theirs: dict[str, list[int]] = {}
+    for entry in listing.entries:
+        if entry.module is None and entry.type == "T":
+            theirs.setdefault(entry.name, []).append(entry.address)
+    common = sorted(n for n in ours.keys() & theirs.keys() if len(ours[n]) == 1 and len(theirs[n]) == 1)
+    sample = common[:: max(1, len(common) // VMLINUX_SAMPLE)][:VMLINUX_SAMPLE]
+    if not sample:
+        return [f"{listing.path} and {vmlinux.path} share no global function: cross-check skipped"]
+    slides = {theirs[n][0] - ours[n][0] for n in sample}
+    if slides == {0} or (slide_allowed and len(slides) == 1):
+        return []
+    return [f"{listing.path} and {vmlinux.path} disagree on {len(sample)} function addresses: different builds"]
+
+
 __all__ = [
     "ProfileInputs",
     "SymbolFacts",
@@ -390,4 +425,5 @@ __all__ = [
     "default_inputs",
     "find_conntrack_modules",
     "installed_releases",
+    "vmlinux_check",
 ]
