@@ -133,7 +133,53 @@ MODULE_LICENSE("GPL");
 """
 
 
-def _module_out(out: Path, strategy: str, name: str, source: str, kdir: Path, counters: list[str]) -> None:
+# A livepatch following the manifest contract (unload: disable through sysfs, wait, rmmod).
+LIVEPATCH_MODULE = r"""
+#include <linux/kernel.h>
+#include <linux/livepatch.h>
+#include <linux/module.h>
+#include <linux/seq_file.h>
+
+static int nqtest_lp_cmdline_show(struct seq_file *m, void *v)
+{
+	seq_puts(m, "nqtest livepatched\n");
+	return 0;
+}
+
+static struct klp_func nqtest_lp_funcs[] = {
+	{ .old_name = "cmdline_proc_show", .new_func = nqtest_lp_cmdline_show, },
+	{ }
+};
+
+static struct klp_object nqtest_lp_objs[] = {
+	{ .funcs = nqtest_lp_funcs, },
+	{ }
+};
+
+static struct klp_patch nqtest_lp_patch = {
+	.mod = THIS_MODULE,
+	.objs = nqtest_lp_objs,
+};
+
+static int __init nqtest_lp_init(void)
+{
+	return klp_enable_patch(&nqtest_lp_patch);
+}
+
+static void __exit nqtest_lp_exit(void)
+{
+}
+
+module_init(nqtest_lp_init);
+module_exit(nqtest_lp_exit);
+MODULE_LICENSE("GPL");
+MODULE_INFO(livepatch, "Y");
+"""
+
+
+def _module_out(
+    out: Path, strategy: str, name: str, source: str, kdir: Path, counters: list[str], unload: str = "rmmod"
+) -> None:
     """Build ``source`` as out/<strategy>/<name>.ko with its nqgen-module.json."""
     ko = build_module(source, name, kdir, out / strategy / "build")
     (out / strategy / f"{name}.ko").write_bytes(ko.read_bytes())
@@ -142,11 +188,11 @@ def _module_out(out: Path, strategy: str, name: str, source: str, kdir: Path, co
         "module": name,
         "ko": f"{name}.ko",
         "params": {},
-        "stats_dir": f"/sys/kernel/{name}",
+        "stats_dir": f"/sys/kernel/{name}" if counters else None,
         "counters": counters,
         "corrected_counter": counters[0] if counters else None,
-        "unload": "rmmod",
-        "livepatch_sysfs": None,
+        "unload": unload,
+        "livepatch_sysfs": f"/sys/kernel/livepatch/{name}" if unload == "livepatch" else None,
         "queues": None,
         "families": ["ipv4"],
         "notes": "lab test module",
@@ -303,15 +349,16 @@ def test_discover_rejects_unknown_strategy(tmp_path: Path) -> None:
 
 @pytest.mark.vm
 @needs_vm
-def test_baselines_and_a_counting_module_on_the_debian_kernel(tmp_path: Path) -> None:
+def test_baselines_counting_module_and_livepatch_on_the_debian_kernel(tmp_path: Path) -> None:
     assert DEBIAN is not None
     out = tmp_path / "out"
     _module_out(out, "counting", "nqtest_count", COUNTING_MODULE, DEBIAN[2], ["hook_calls"])
+    _module_out(out, "livepatch", "nqtest_lp", LIVEPATCH_MODULE, DEBIAN[2], [], unload="livepatch")
     proc = _lab(out, "--rounds", "60")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     lab = json.loads((out / "lab.json").read_text())
     runs = {r["name"]: r for r in lab["runs"]}
-    assert list(runs) == ["baseline", "baseline-nfqueue", "counting"]
+    assert list(runs) == ["baseline", "baseline-nfqueue", "livepatch", "counting"]
     for run in runs.values():
         d = run["derived"]
         assert run["completed"], run["name"]
@@ -323,6 +370,10 @@ def test_baselines_and_a_counting_module_on_the_debian_kernel(tmp_path: Path) ->
     counting = runs["counting"]["derived"]
     assert counting["loaded"] and counting["unloaded"] and counting["healthy"]
     assert counting["corrected_calls"] >= 60 * 2  # every IPv4 datagram passed the module's hook
+    lp = runs["livepatch"]
+    assert lp["livepatch"]["enabled"] == "1" and lp["livepatch"]["transition"] == "0"
+    assert lp["unload"]["method"] == "livepatch" and lp["derived"]["unloaded"] and lp["derived"]["healthy"]
+    assert "unpatching complete" in lp["unload"]["dmesg"]
     assert (out / "lab.png").read_bytes()[:4] == b"\x89PNG"
     assert "counting" in proc.stdout and "verdict" in proc.stdout
 

@@ -46,7 +46,7 @@ def _progress(verbose: bool) -> Any:
         clash = "unknown" if ct is None else str(ct.get("clashres", "?"))
         calls = result.corrected_calls
         parts = [
-            f"[{i}/{n}] {spec.name}: {result.verdict}",
+            f"[{i}/{n}] {spec.name}{f' #{spec.repeat}' if spec.repeat > 1 else ''}: {result.verdict}",
             f"{result.received()}/{result.sent()} delivered",
             f"clashres {clash}",
             f"reports {len(result.faults)}",
@@ -78,6 +78,10 @@ def _progress(verbose: bool) -> Any:
 @click.option("--timeout", type=click.FloatRange(5, 3600), default=180.0, show_default=True, help="Seconds per boot.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Also boot without mitigation (with and without NFQUEUE).")
+@click.option("--repeat", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Boots per configuration (to state results with their spread).")
+@click.option("--nfqueue-variants", is_flag=True,
+              help="Also run each strategy that does not queue with all UDP sent through NFQUEUE.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json to stdout instead of the table.")
 @click.option("--append", default="", help="Extra kernel command line.")
 def lab(
@@ -94,6 +98,8 @@ def lab(
     memory: str | None,
     timeout: float,
     baselines: bool,
+    repeat: int,
+    nfqueue_variants: bool,
     as_json: bool,
     append: str,
 ) -> None:
@@ -121,12 +127,15 @@ def lab(
         memory=memory,
         timeout=timeout,
         baselines=baselines,
+        repeat=repeat,
+        nfqueue_variants=nfqueue_variants,
         logs_dir=out / "lab-logs",
         append=append,
     )
     click.echo(
         f"lab: {image.release} ({image.boot_mode}), {len(manifests)} strategies"
-        f"{' + 2 baselines' if baselines else ''}, {rounds} rounds x {threads} threads",
+        f"{' + 2 baselines' if baselines else ''}, {rounds} rounds x {threads} threads"
+        f"{f', {repeat} boots each' if repeat > 1 else ''}",
         err=True,
     )
     result = run_lab(config, manifests, _progress(verbose=False))

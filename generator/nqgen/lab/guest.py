@@ -117,7 +117,8 @@ ctstat() {
 	fi
 }
 taint() {
-	emit "{\"type\":\"taint\",\"phase\":\"$1\",\"value\":$(cat /proc/sys/kernel/tainted)}"
+	up=$(cut -d ' ' -f 1 /proc/uptime)
+	emit "{\"type\":\"taint\",\"phase\":\"$1\",\"value\":$(cat /proc/sys/kernel/tainted),\"uptime\":$up}"
 }
 traffic() {
 	/bin/nq_udprace -r "$2" -t "$THREADS" -f "$FAMILIES" -p "$3" -s "$4" -w "$DRAIN" -n "$1" \
@@ -175,11 +176,14 @@ def render_init(plan: GuestPlan) -> str:
         lines.append("Q=$!")
         lines.append('wait_file /tmp/q.ready || emit "{\\"type\\":\\"error\\",\\"what\\":\\"queue-not-ready\\"}"')
     lines.append("ctstat before")
+    lines.append("taint before")
     lines.append("MIT=0")
     if plan.mitigation is not None:
         m = plan.mitigation
         params = " ".join(_q(p) for p in m.params)
         lines.append(f"load mitigation {_q(m.name)} {_q(m.path)} false {params} && MIT=1")
+        if plan.unload == "livepatch":
+            lines.append(_patched_block(plan))
         lines.append("counters loaded")
     lines.append(f"traffic workload {w.rounds} {WORKLOAD_DPORT} {SPORT_BASE}")
     lines.append("counters workload")
@@ -200,11 +204,32 @@ def render_init(plan: GuestPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _livepatch_dir(plan: GuestPlan) -> str:
+    assert plan.mitigation is not None
+    return _q(plan.livepatch_sysfs or f"/sys/kernel/livepatch/{plan.mitigation.name}")
+
+
+def _patched_block(plan: GuestPlan) -> str:
+    """Wait until the livepatch transition finished, so the workload runs fully patched."""
+    return (
+        'if [ "$MIT" = 1 ]; then\n'
+        f"\tLP={_livepatch_dir(plan)}\n"
+        "\ti=0\n"
+        '\twhile [ "$(cat "$LP/transition" 2>/dev/null)" != 0 ] && [ $i -lt 300 ]; do\n'
+        "\t\tusleep 100000\n\t\ti=$((i + 1))\n\tdone\n"
+        '\tEN=$(cat "$LP/enabled" 2>/dev/null || echo missing)\n'
+        '\tTR=$(cat "$LP/transition" 2>/dev/null || echo missing)\n'
+        '\temit "{\\"type\\":\\"livepatch\\",\\"enabled\\":\\"$EN\\",\\"transition\\":\\"$TR\\",'
+        '\\"waited_ms\\":$((i * 100))}"\n'
+        "fi"
+    )
+
+
 def _unload_block(plan: GuestPlan) -> str:
     assert plan.mitigation is not None
     name = _q(plan.mitigation.name)
     if plan.unload == "livepatch":
-        lp = _q(plan.livepatch_sysfs or f"/sys/kernel/livepatch/{plan.mitigation.name}")
+        lp = _livepatch_dir(plan)
         disable = (
             f"LP={lp}\n"
             '\techo 0 > "$LP/enabled" 2>/tmp/unload.err\n'

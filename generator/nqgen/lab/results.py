@@ -7,6 +7,7 @@ import binascii
 import contextlib
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,11 +89,12 @@ class Fault:
 class RunResult:
     """Everything measured in one boot."""
 
-    name: str  # "baseline", "baseline-nfqueue" or a strategy
+    name: str  # "baseline", "baseline-nfqueue", a strategy, or "<strategy>+nfqueue"
     kind: str  # "baseline" or "mitigation"
     strategy: str | None
     module: str | None
     nfqueue: bool
+    repeat: int = 1
     seconds: float = 0.0
     exit_code: int | None = None
     guest_exit: int | None = None
@@ -106,9 +108,11 @@ class RunResult:
     traffic: list[Traffic] = field(default_factory=list)
     ct_stat: dict[str, dict[str, int] | None] = field(default_factory=dict)  # phase -> summed counters
     taint: dict[str, int] = field(default_factory=dict)
+    uptime: dict[str, float] = field(default_factory=dict)  # guest uptime (s) at boot/before/workload/health
     queue: dict[str, Any] | None = None
     ctevents: dict[str, Any] | None = None
     unload: Unload | None = None
+    livepatch: dict[str, Any] | None = None  # state after load: enabled, transition, waited_ms
     faults: list[Fault] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # lab-side problems (helper not ready, bad lines)
     kernel_log: str = ""
@@ -247,6 +251,10 @@ class RunResult:
             "taint_faults": self.taint_faults,
             "fault_count": len(self.faults),
             "fault_kinds": sorted({f.kind for f in self.faults}),
+            "fault_titles": dict(Counter(f.title for f in self.faults).most_common(5)),
+            "workload_seconds": round(self.uptime["workload"] - self.uptime["before"], 2)
+            if "workload" in self.uptime and "before" in self.uptime
+            else None,
         }
         return d
 
@@ -340,6 +348,9 @@ def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
         run.ct_stat[str(rec.get("phase"))] = None if b64 is None else parse_ct_stat(_b64(b64))
     elif kind == "taint":
         run.taint[str(rec.get("phase"))] = _int(rec.get("value"))
+        up = rec.get("uptime")
+        if isinstance(up, int | float) and not isinstance(up, bool):
+            run.uptime[str(rec.get("phase"))] = float(up)
     elif kind == "traffic":
         run.traffic.append(
             Traffic(
@@ -368,6 +379,11 @@ def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
             stderr=_b64(rec.get("stderr_b64")),
             dmesg=dmesg,
         )
+    elif kind == "livepatch":
+        run.livepatch = {k: v for k, v in rec.items() if k != "type"}
+        if rec.get("enabled") != "1" or rec.get("transition") != "0":
+            run.errors.append(f"livepatch not fully applied (enabled {rec.get('enabled')}, "
+                              f"transition {rec.get('transition')})")
     elif kind == "queue":
         run.queue = {k: v for k, v in rec.items() if k != "type"}
         if _int(rec.get("bind_error")) != 0:

@@ -24,6 +24,7 @@ from .results import RunResult, apply_results, find_faults
 
 LAB_ROOTS = ("nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue")
 HELPER_GUEST_PATH = "/nqlab/nqlab_ct.ko"
+MAX_FAULT_TEXTS = 5
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class LabConfig:
     memory: str = "1G"
     timeout: float = 180.0
     baselines: bool = True
+    repeat: int = 1  # boots per configuration
+    nfqueue_variants: bool = False  # also run each non-queueing strategy with all UDP through NFQUEUE
     busybox: Path = Path("/bin/busybox")
     logs_dir: Path | None = None  # console and result logs per run are copied here
     append: str = ""
@@ -50,6 +53,7 @@ class RunSpec:
     name: str
     manifest: Manifest | None
     nfqueue: bool  # the helper queues all UDP to queue 0 (baseline with NFQUEUE)
+    repeat: int = 1  # 1-based index among the boots of this configuration
 
 
 @dataclass
@@ -72,13 +76,19 @@ def _fails_lab(r: RunResult) -> bool:
     return r.verdict == "incomplete" and not r.faults
 
 
-def plan_runs(manifests: list[Manifest], baselines: bool) -> list[RunSpec]:
-    runs: list[RunSpec] = []
+def plan_runs(
+    manifests: list[Manifest], baselines: bool, repeat: int = 1, nfqueue_variants: bool = False
+) -> list[RunSpec]:
+    """Boots in order: every configuration ``repeat`` times in a row."""
+    configs: list[tuple[str, Manifest | None, bool]] = []
     if baselines:
-        runs.append(RunSpec("baseline", None, False))
-        runs.append(RunSpec("baseline-nfqueue", None, True))
-    runs.extend(RunSpec(m.strategy, m, False) for m in manifests)
-    return runs
+        configs.append(("baseline", None, False))
+        configs.append(("baseline-nfqueue", None, True))
+    for m in manifests:
+        configs.append((m.strategy, m, False))
+        if nfqueue_variants and m.queue_base is None:
+            configs.append((f"{m.strategy}+nfqueue", m, True))
+    return [RunSpec(name, m, q, i) for name, m, q in configs for i in range(1, repeat + 1)]
 
 
 def _check_static(busybox: Path) -> None:
@@ -162,6 +172,7 @@ def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workloa
     )
     helper = GuestModule("nqlab_ct", HELPER_GUEST_PATH, "helper", (f"queue={0 if spec.nfqueue else -1}",))
     m = spec.manifest
+    queue_base, queue_count = (0, 1) if spec.nfqueue else (None, 0)
     if m is None:
         return GuestPlan(
             run=spec.name,
@@ -169,8 +180,8 @@ def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workloa
             helper=helper,
             mitigation=None,
             workload=workload,
-            queue_base=0 if spec.nfqueue else None,
-            queue_count=1 if spec.nfqueue else 0,
+            queue_base=queue_base,
+            queue_count=queue_count,
         )
     return GuestPlan(
         run=spec.name,
@@ -184,8 +195,8 @@ def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workloa
         counters=m.counters,
         unload=m.unload,
         livepatch_sysfs=m.livepatch_sysfs,
-        queue_base=m.queue_base,
-        queue_count=m.queue_count,
+        queue_base=m.queue_base if m.queue_base is not None else queue_base,
+        queue_count=m.queue_count if m.queue_base is not None else queue_count,
     )
 
 
@@ -195,7 +206,8 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     extra = [spec.manifest.ko] if spec.manifest is not None else []
     deps = guest.closure(extra)
     plan = _plan(spec, deps, guest.release, cfg.workload)
-    run_dir = work / spec.name
+    tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
+    run_dir = work / tag
     run_dir.mkdir(parents=True, exist_ok=True)
     initrd = run_dir / "initrd.cpio"
     initrd.write_bytes(guest.initramfs(plan, deps, spec.manifest))
@@ -213,6 +225,7 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     m = spec.manifest
     result = RunResult(
         name=spec.name,
+        repeat=spec.repeat,
         kind="baseline" if m is None else "mitigation",
         strategy=None if m is None else m.strategy,
         module=None if m is None else m.module,
@@ -225,10 +238,12 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     )
     apply_results(result, outcome.results)
     result.faults = find_faults(outcome.console)
+    for fault in result.faults[MAX_FAULT_TEXTS:]:
+        fault.text = ""  # a KASAN multi-shot run can report hundreds of times: keep titles and frames
     if cfg.logs_dir is not None:
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.logs_dir / f"{spec.name}.console.log").write_text(outcome.console)
-        (cfg.logs_dir / f"{spec.name}.results.jsonl").write_text(outcome.results)
+        (cfg.logs_dir / f"{tag}.console.log").write_text(outcome.console)
+        (cfg.logs_dir / f"{tag}.results.jsonl").write_text(outcome.results)
     return result
 
 
@@ -267,7 +282,7 @@ def run_lab(
         if not m.ko.is_file():
             raise InputError(f"{m.ko} does not exist (build the module first)")
         _check_vermagic(m.ko, config.kernel.release, f"{m.ko.name} ({m.strategy})")
-    specs = plan_runs(manifests, config.baselines)
+    specs = plan_runs(manifests, config.baselines, config.repeat, config.nfqueue_variants)
     if not specs:
         raise InputError("nothing to run: no baseline and no built strategy")
     lab = LabRun(config=config, date=datetime.now(UTC).isoformat(timespec="seconds"))
@@ -299,7 +314,8 @@ def lab_json(lab: LabRun) -> dict[str, Any]:
             "modules_dir": str(c.modules_dir),
             "kdir": str(c.kdir),
         },
-        "vm": {"smp": c.smp, "memory": c.memory, "timeout": c.timeout},
+        "vm": {"smp": c.smp, "memory": c.memory, "timeout": c.timeout, "append": c.append},
+        "repeat": c.repeat,
         "workload": {
             "rounds": w.rounds,
             "threads": w.threads,
