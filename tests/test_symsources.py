@@ -240,3 +240,15 @@ def test_read_capped_large_incompressible_file(tmp_path, kind) -> None:  # type:
     plain = tmp_path / "blob"
     plain.write_bytes(data)
     assert symsources.read_capped(compress(plain, kind)) == (data, kind)
+
+
+@pytest.mark.parametrize("kind", ["xz", "gz", "zst"])
+def test_read_capped_truncated_stream(tmp_path, kind) -> None:  # type: ignore[no-untyped-def]
+    from elffixtures import compress
+
+    plain = tmp_path / "text"
+    plain.write_bytes(b"".join(b"line %d of a kernel symbol list\n" % i for i in range(20000)))
+    packed = compress(plain, kind)
+    packed.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(InputError, match=rf"text\.{kind}: (truncated|corrupt) {kind} data"):
+        symsources.read_capped(packed)

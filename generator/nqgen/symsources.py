@@ -46,15 +46,22 @@ def read_capped(path: Path, cap: int = MAX_DECOMPRESSED) -> tuple[bytes, str | N
         raise InputError(f"{path}: compressed file larger than {cap >> 20} MiB")
     try:
         if compression == "xz":
-            out = lzma.LZMADecompressor().decompress(raw, max_length=cap + 1)
+            xz = lzma.LZMADecompressor()
+            out = xz.decompress(raw, max_length=cap + 1)
+            complete = xz.eof
         elif compression == "gz":
-            out = zlib.decompressobj(wbits=31).decompress(raw, cap + 1)
+            gz = zlib.decompressobj(wbits=31)
+            out = gz.decompress(raw, cap + 1)
+            complete = gz.eof
         else:
+            complete = True  # the zstd command reports a truncated frame itself
             out = _unzstd(Path(path), cap)
     except (lzma.LZMAError, zlib.error, EOFError) as exc:
         raise InputError(f"{path}: corrupt {compression} data: {exc}") from None
     if len(out) > cap:
         raise InputError(f"{path}: decompresses to more than {cap >> 20} MiB")
+    if not complete:
+        raise InputError(f"{path}: truncated {compression} data")
     return out, compression
 
 
@@ -81,7 +88,7 @@ def _unzstd(path: Path, cap: int) -> bytes:
             proc.kill()
         rc = proc.wait()
     if total <= cap and rc != 0:
-        raise InputError(f"{path}: corrupt zstd data (zstd exited {rc})")
+        raise InputError(f"{path}: corrupt zst data (zstd exited {rc})")
     return b"".join(chunks)
 
 
