@@ -211,16 +211,18 @@ unsigned int nq_nf_confirm(void *priv, struct sk_buff *skb,
 }
 {%- else %}
 {%- for f in cookiecutter.target.families %}
-
 {%- if cookiecutter.target.hookfn_form == "priv_state" %}
+
 unsigned int nq_{{ f.function }}(void *priv, struct sk_buff *skb,
 			     const struct nf_hook_state *state)
 {%- elif cookiecutter.target.hookfn_form == "ops_state" %}
+
 unsigned int nq_{{ f.function }}(const struct nf_hook_ops *ops, struct sk_buff *skb,
 			     const struct net_device *in,
 			     const struct net_device *out,
 			     const struct nf_hook_state *state)
 {%- else %}
+
 unsigned int nq_{{ f.function }}(const struct nf_hook_ops *ops, struct sk_buff *skb,
 			     const struct net_device *in,
 			     const struct net_device *out,

@@ -48,7 +48,7 @@ static void notrace nq_ftrace_thunk(unsigned long ip, unsigned long parent_ip,
 			continue;
 		nq_count(redirects);
 {%- if cookiecutter.target.ftrace_set_ip == "regs_ip" %}
-		instruction_pointer_set(regs, nq_replacements[i]);
+		regs->ip = nq_replacements[i];
 {%- else %}
 		{{ cookiecutter.target.ftrace_set_ip }}(fregs, nq_replacements[i]);
 {%- endif %}

@@ -194,6 +194,28 @@ static struct pernet_operations nq_net_ops = {
 };
 {%- endif %}
 
+/*
+ * Stop rescanning and put the original back everywhere. A hook
+ * (re)registration running concurrently may copy a slot being restored
+ * into a new table: check again until none is left.
+ */
+static void nq_restore_all(void)
+{
+	unsigned int n, total = 0, passes = 0;
+
+	WRITE_ONCE(nq_stopping, true);
+	cancel_delayed_work_sync(&nq_work);
+	do {
+		n = nq_swap_all(true);
+		total += n;
+		passes++;
+		/* packets already in the corrected copy finish first */
+		synchronize_net();
+	} while (n);
+	pr_info("original confirm restored in %u slot(s), %u pass(es)\n",
+		total, passes);
+}
+
 static int __init nq_init(void)
 {
 	unsigned int n;
@@ -207,9 +229,12 @@ static int __init nq_init(void)
 		goto err_targets;
 	INIT_DELAYED_WORK(&nq_work, nq_rescan);
 {%- if cookiecutter.target.hook_storage == "entries" %}
+	/* swaps the existing netns (.init), and new ones from now on */
 	ret = register_pernet_subsys(&nq_net_ops);
 	if (ret) {
 		pr_err("register_pernet_subsys: %d\n", ret);
+		/* some netns may have been swapped, and the work queued */
+		nq_restore_all();
 		goto err_stats;
 	}
 {%- endif %}
@@ -233,28 +258,14 @@ err_targets:
 
 static void __exit nq_exit(void)
 {
-	unsigned int n, total = 0, passes = 0;
-
-	WRITE_ONCE(nq_stopping, true);
 {%- if cookiecutter.target.hook_storage == "entries" %}
+	/* no new netns calls nq_net_init() after this */
 	unregister_pernet_subsys(&nq_net_ops);
 {%- endif %}
-	cancel_delayed_work_sync(&nq_work);
-	/*
-	 * A hook (re)registration running concurrently may copy a slot we
-	 * are restoring into a new table: check again until none is left.
-	 */
-	do {
-		n = nq_swap_all(true);
-		total += n;
-		passes++;
-		/* packets already in the corrected copy finish first */
-		synchronize_net();
-	} while (n);
+	nq_restore_all();
 	nq_stats_exit();
 	nq_release_targets();
-	pr_info("unloaded: original confirm restored in %u slot(s), %u pass(es)\n",
-		total, passes);
+	pr_info("unloaded\n");
 }
 
 module_init(nq_init);
