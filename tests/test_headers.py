@@ -245,8 +245,9 @@ def test_stable_backport_of_the_fix_is_detected(tmp_path: Path) -> None:
     assert not probe(FIXTURES / "5.15", MODULE_SYMBOLS["G2"]).fix_present
 
 
-def test_set_ip_falls_back_to_regs_without_ftrace_with_args(tmp_path: Path) -> None:
-    kdir = _copy_tree("5.15", tmp_path / "kdir")
+@pytest.mark.parametrize("generation", ["5.15", "6.6"])
+def test_set_ip_falls_back_to_regs_without_ftrace_with_args(tmp_path: Path, generation: str) -> None:
+    kdir = _copy_tree(generation, tmp_path / "kdir")
     config = kdir / ".config"
     config.write_text(config.read_text().replace("CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS=y\n", ""))
     features = probe(kdir, MODULE_SYMBOLS["G2"], with_args=False)

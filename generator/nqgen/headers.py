@@ -37,7 +37,7 @@ from nqgen.profile import (
     Registration,
 )
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 NETFILTER_H = "include/linux/netfilter.h"
 SKBUFF_H = "include/linux/skbuff.h"
@@ -323,9 +323,7 @@ class HeaderFacts:
     nf_stop_in_hook_slow: bool | None  # None: net/netfilter/core.c not in the tree
     ftrace_regs_form: str
     ftrace_func_evidence: str
-    has_regs_set_ip: bool  # ftrace_regs_set_instruction_pointer defined
-    has_pointer_set_arch: bool  # ftrace_instruction_pointer_set defined by the arch (not the no-op)
-    has_pointer_set_noop: bool  # only the generic no-op fallback of ftrace_instruction_pointer_set
+    set_ip_defs: dict[str, str]  # setter name -> "arch", "generic" or "noop" (where and how it is defined)
     recursion_flag: str | None
     livepatch_header: bool
     has_klp_register: bool
@@ -410,6 +408,24 @@ def _tree_version(tree: HeaderTree) -> tuple[int, int, int] | None:
     return None
 
 
+# newest first (6.2 renamed ftrace_instruction_pointer_set)
+SET_IP_NAMES: tuple[FtraceSetIp, ...] = ("ftrace_regs_set_instruction_pointer", "ftrace_instruction_pointer_set")
+_NOOP = re.compile(r"do\s*\{\s*\}\s*while\s*\(\s*0\s*\)")
+
+
+def _setter_def(name: str, generic: str, arch: str) -> str | None:
+    """How ``name`` is defined: "arch" (by the arch header), "generic" (a real generic one), "noop" (only
+    the do-nothing fallback linux/ftrace.h keeps for arches without DYNAMIC_FTRACE_WITH_ARGS), or None."""
+    macro = rf"#\s*define\s+{name}\s*\([^)]*\)\s*(.*)"
+    function = rf"\b{name}\s*\(\s*struct\s+ftrace_regs\s*\*\s*\w+\s*,[^)]*\)\s*\{{"
+    if re.search(macro, arch) or re.search(function, arch):
+        return "arch"
+    bodies = [m.group(1).strip() for m in re.finditer(macro, generic)]
+    if any(not _NOOP.fullmatch(b) for b in bodies) or re.search(function, generic):
+        return "generic"
+    return "noop" if bodies else None
+
+
 def _config_option(tree: HeaderTree, option: str) -> bool | None:
     """Whether ``option`` is =y/=m in the tree's own .config (None when the tree has none)."""
     path = tree.kdir / DOT_CONFIG
@@ -460,14 +476,10 @@ def scan(tree: HeaderTree) -> HeaderFacts:
     regs_form = "ftrace_regs" if ftrace_params and "struct ftrace_regs" in ftrace_params[-1] else "pt_regs"
     ftrace_ev = f"typedef ftrace_func_t({compact(ftrace_params)})" if ftrace_params else "no ftrace_func_t"
 
-    set_ip_re = r"#\s*define\s+ftrace_instruction_pointer_set\s*\([^)]*\)\s*(.*)"
-    noop = any(
-        re.fullmatch(r"do\s*\{\s*\}\s*while\s*\(\s*0\s*\)", m.group(1).strip()) for m in re.finditer(set_ip_re, ftrace)
-    )
-    arch_set = bool(re.search(set_ip_re, arch_ftrace)) or bool(
-        re.search(r"\bftrace_instruction_pointer_set\s*\(\s*struct\s+ftrace_regs", arch_ftrace + ftrace)
-    )
-    regs_set_ip = bool(re.search(r"\bftrace_regs_set_instruction_pointer\b", ftrace + arch_ftrace))
+    set_ip_defs: dict[str, str] = {}
+    for name in SET_IP_NAMES:
+        if how := _setter_def(name, ftrace, arch_ftrace):
+            set_ip_defs[name] = how
 
     if re.search(r"\bFTRACE_OPS_FL_RECURSION_SAFE\s*=", ftrace):
         recursion: str | None = "RECURSION_SAFE"
@@ -500,9 +512,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
         nf_stop_in_hook_slow=stop,
         ftrace_regs_form=regs_form,
         ftrace_func_evidence=ftrace_ev,
-        has_regs_set_ip=regs_set_ip,
-        has_pointer_set_arch=arch_set,
-        has_pointer_set_noop=noop,
+        set_ip_defs=set_ip_defs,
         have_ftrace_with_args=_config_option(tree, "CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS"),
         recursion_flag=recursion,
         livepatch_header=livepatch is not None,
@@ -663,21 +673,27 @@ def _decide_from_headers(
     arch_h = tree.relpath(tree.arch_ftrace_h)
     if regs_form == "pt_regs":
         set_ip, why = "regs_ip", "pt_regs callback: set regs->ip"
-    elif facts.has_regs_set_ip:
-        set_ip, why = "ftrace_regs_set_instruction_pointer", f"{ft}/{arch_h} define ftrace_regs_set_instruction_pointer"
-    elif facts.has_pointer_set_arch and facts.have_ftrace_with_args is not False:
-        set_ip = "ftrace_instruction_pointer_set"
-        why = f"{arch_h} defines ftrace_instruction_pointer_set(fregs, ip)"
-        if facts.have_ftrace_with_args:
-            why += " (CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS=y in the tree's .config)"
-        else:
-            why += " (tree has no .config: assumed CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS)"
     else:
-        set_ip = "regs_ip"
-        why = (
-            "ftrace_instruction_pointer_set is only the generic no-op without CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS: "
-            "set ftrace_get_regs(fregs)->ip"
+        set_ip, why = (
+            "regs_ip",
+            (
+                "no usable ftrace_regs setter (only the generic no-op without CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS): "
+                "set ftrace_get_regs(fregs)->ip"
+            ),
         )
+        for name in SET_IP_NAMES:
+            how = facts.set_ip_defs.get(name)
+            if how == "generic" or (how == "arch" and facts.have_ftrace_with_args is not False):
+                set_ip = name
+                where = arch_h if how == "arch" else ft
+                why = f"{where} defines {name}(fregs, ip)"
+                if how == "arch":
+                    why += (
+                        " (CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS=y in the tree's .config)"
+                        if facts.have_ftrace_with_args
+                        else " (tree has no .config: assumed CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS)"
+                    )
+                break
     ev.add("ftrace_set_ip", set_ip, why)
     if facts.recursion_flag is None:
         raise errors.InputError(f"no FTRACE_OPS_FL_RECURSION(_SAFE) in {ft}")
