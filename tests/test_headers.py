@@ -278,6 +278,23 @@ def test_directory_without_netfilter_h_is_an_input_error(tmp_path: Path) -> None
         headers.probe_features(tmp_path, exports=frozenset(), module_symbols=frozenset(), config=config_flags())
 
 
+def test_tree_without_conntrack_core_header_is_an_input_error(tmp_path: Path) -> None:
+    kdir = _copy_tree("5.10", tmp_path / "kdir")
+    (kdir / "include/net/netfilter/nf_conntrack_core.h").unlink()
+    with pytest.raises(errors.InputError, match=r"no include/net/netfilter/nf_conntrack_core\.h") as info:
+        probe(kdir)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_hookfn_typedef_is_an_input_error(tmp_path: Path) -> None:
+    kdir = _copy_tree("5.10", tmp_path / "kdir")
+    netfilter = kdir / "include/linux/netfilter.h"
+    netfilter.write_text(netfilter.read_text().replace("void *priv,", "unsigned long cookie,"))
+    with pytest.raises(errors.InputError, match="unrecognised nf_hookfn typedef") as info:
+        probe(kdir)
+    assert "\n" not in str(info.value)
+
+
 def test_no_kdir_decides_from_symbols_and_says_guessed() -> None:
     features = headers.probe_features(
         None,

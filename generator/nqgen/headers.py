@@ -695,10 +695,15 @@ def _decide_from_headers(
                     )
                 break
     ev.add("ftrace_set_ip", set_ip, why)
-    if facts.recursion_flag is None:
-        raise errors.InputError(f"no FTRACE_OPS_FL_RECURSION(_SAFE) in {ft}")
-    recursion: FtraceRecursion = facts.recursion_flag  # type: ignore[assignment]
-    ev.add("ftrace_recursion_flag", recursion, f"{ft} enum defines FTRACE_OPS_FL_{recursion}")
+    recursion: FtraceRecursion
+    if facts.recursion_flag == "RECURSION_SAFE":
+        recursion, why = "RECURSION_SAFE", f"{ft} enum defines FTRACE_OPS_FL_RECURSION_SAFE"
+    elif facts.recursion_flag == "RECURSION":
+        recursion, why = "RECURSION", f"{ft} enum defines FTRACE_OPS_FL_RECURSION"
+    else:
+        recursion = "RECURSION" if regs_form == "ftrace_regs" else "RECURSION_SAFE"
+        why = f"guessed from ftrace_regs_form={regs_form}: no FTRACE_OPS_FL_RECURSION(_SAFE) in {ft}"
+    ev.add("ftrace_recursion_flag", recursion, why)
 
     lp = tree.relpath(LIVEPATCH_H)
     livepatch: LivepatchApi
