@@ -16,9 +16,11 @@ from nqgen.lab.build import build_module
 from nqgen.lab.guest import GuestModule, GuestPlan, Workload, render_init
 from nqgen.lab.initramfs import Cpio
 from nqgen.lab.kernel import image_release
-from nqgen.lab.manifest import discover
+from nqgen.lab.manifest import Manifest, discover
 from nqgen.lab.modtree import ModuleTree
+from nqgen.lab.report import ROW_COLUMNS, measured_columns, measured_markdown, rows
 from nqgen.lab.results import RunResult, apply_results, find_faults, parse_ct_stat
+from nqgen.lab.runner import plan_runs
 
 
 def _debian_kernel() -> tuple[Path, Path, Path] | None:
@@ -183,7 +185,7 @@ def _module_out(
     """Build ``source`` as out/<strategy>/<name>.ko with its nqgen-module.json."""
     ko = build_module(source, name, kdir, out / strategy / "build")
     (out / strategy / f"{name}.ko").write_bytes(ko.read_bytes())
-    manifest = {
+    manifest: dict[str, object] = {
         "strategy": strategy,
         "module": name,
         "ko": f"{name}.ko",
@@ -252,17 +254,74 @@ def test_find_faults_keeps_oops_text_title_and_frames() -> None:
     assert find_faults("[    1.0] nf_conntrack: default automatic helper assignment has been turned off\n") == []
 
 
-def test_find_faults_splits_kasan_and_warning_reports() -> None:
-    console = (
-        "==================================================================\n"
-        "BUG: KASAN: use-after-free in nf_confirm+0x406/0x430 [nf_conntrack]\n"
-        "Call Trace:\n nf_confirm+0x406/0x430 [nf_conntrack]\n"
-        "==================================================================\n"
-        "WARNING: CPU: 1 PID: 5 at net/netfilter/core.c:600 nf_hook_slow+0x99/0xc0\n"
-        "---[ end trace 0000000000000000 ]---\n"
-    )
-    kinds = [f.kind for f in find_faults(console)]
-    assert kinds == ["KASAN", "WARNING"]
+KASAN_REPORT = """\
+[   30.100000] ==================================================================
+[   30.100001] BUG: KASAN: use-after-free in nf_confirm+0x406/0x430 [nf_conntrack]
+[   30.100002] Read of size 8 at addr ffff888005a1b2c0 by task nq_udprace/140
+[   30.100003] Call Trace:
+[   30.100004]  <TASK>
+[   30.100005]  dump_stack_lvl+0x45/0x5d
+[   30.100006]  print_report+0x16f/0x470
+[   30.100007]  ? nf_confirm+0x406/0x430 [nf_conntrack]
+[   30.100008]  kasan_report+0xb0/0xe0
+[   30.100009]  nf_confirm+0x406/0x430 [nf_conntrack]
+[   30.100010]  nf_hook_slow+0x64/0x100
+[   30.100011]  </TASK>
+[   30.100012] Allocated by task 139:
+[   30.100013]  __nf_conntrack_alloc+0x5b/0x2b0 [nf_conntrack]
+[   30.100014] ==================================================================
+[   31.000000] WARNING: CPU: 1 PID: 5 at net/netfilter/core.c:600 nf_hook_slow+0x99/0xc0
+[   31.000001] ---[ end trace 0000000000000000 ]---
+"""
+
+
+def test_find_faults_splits_kasan_and_warning_reports_and_skips_reporting_frames() -> None:
+    faults = find_faults(KASAN_REPORT)
+    assert [f.kind for f in faults] == ["KASAN", "WARNING"]
+    assert faults[0].title == "BUG: KASAN: use-after-free in nf_confirm+0x406/0x430 [nf_conntrack]"
+    assert faults[0].frames == ["nf_confirm+0x406/0x430 [nf_conntrack]", "nf_hook_slow+0x64/0x100"]
+
+
+def test_plan_runs_repeats_and_adds_nfqueue_variants() -> None:
+    queued = Manifest("advance-confirm", "nq_a", Path("a.ko"), {}, None, (), None, "rmmod", None, 0, 1, (), "")
+    direct = Manifest("ftrace", "nq_f", Path("f.ko"), {}, None, (), None, "rmmod", None, None, 0, (), "")
+    specs = plan_runs([queued, direct], baselines=True, repeat=2, nfqueue_variants=True)
+    names = [(s.name, s.repeat, s.nfqueue) for s in specs]
+    assert names == [
+        ("baseline", 1, False), ("baseline", 2, False),
+        ("baseline-nfqueue", 1, True), ("baseline-nfqueue", 2, True),
+        ("advance-confirm", 1, False), ("advance-confirm", 2, False),
+        ("ftrace", 1, False), ("ftrace", 2, False),
+        ("ftrace+nfqueue", 1, True), ("ftrace+nfqueue", 2, True),
+    ]
+
+
+def _fake_run(name: str, clashres: int, faults: int, verdict: str) -> dict[str, object]:
+    return {
+        "name": name, "kind": "baseline", "nfqueue": False, "completed": True, "corrected_counter": None,
+        "faults": [{"kind": "KASAN", "title": "BUG: KASAN: use-after-free in nf_confirm", "text": "x", "frames": []}]
+        * faults,
+        "derived": {"sent": 100, "received": 100, "workload_ct": {"clashres": clashres}, "fault_count": faults,
+                    "verdict": verdict, "healthy": True, "health_sent": 10, "health_received": 10},
+    }
+
+
+def test_report_groups_repeated_boots_with_spread_and_rates() -> None:
+    lab = {
+        "workload": {"flows": 50},
+        "runs": [_fake_run("baseline", 10, 2, "fault"), _fake_run("baseline", 20, 0, "ok")],
+    }
+    (row,) = rows(lab)
+    cells = dict(zip(["run", *[n for n, _ in ROW_COLUMNS]], row, strict=True))
+    assert cells["run"] == "baseline x2"
+    assert cells["delivered"] == "200/200"
+    assert cells["clashres"] == "10..20 (mean 15.0)"
+    assert cells["faults"].startswith("2 in 1/2 boots: BUG: KASAN")
+    assert cells["verdict"] == "fault (1/2)"
+    measured = measured_columns(lab)["baseline"]
+    assert measured["lab: clashes per 10k flows"] == "3000.0"  # 30 clashes in 100 flows
+    assert measured["lab: reports per 10k flows"] == "200.0"
+    assert "| baseline x2 |" in measured_markdown(lab)
 
 
 def test_results_lines_make_a_run_with_problems() -> None:

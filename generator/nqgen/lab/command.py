@@ -30,12 +30,6 @@ def _inputs(out: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _is_kasan(path: Path) -> bool:
-    """Whether the kernel image to boot is built with KASAN (its report format string is in the image)."""
-    with path.open("rb") as f:
-        return b"BUG: KASAN: " in f.read()
-
-
 def _progress(verbose: bool) -> Any:
     def report(i: int, n: int, spec: RunSpec, result: RunResult | None) -> None:
         if result is None:
@@ -117,7 +111,7 @@ def lab(
         kdir = Path(str(inputs["kdir"])) if inputs.get("kdir") else modules_dir / "build"
     manifests = discover(out, strategies)
     if memory is None:
-        memory = "1G" if _is_kasan(image.boot_path) else "512M"
+        memory = "1G" if image.kasan else "512M"
     config = LabConfig(
         kernel=image,
         modules_dir=modules_dir,

@@ -91,7 +91,8 @@ load() {
 	insmod "$path" "$@" 2>/tmp/insmod.err
 	rc=$?
 	dmesg -c > /tmp/kmsg 2>/dev/null
-	head="\"type\":\"insmod\",\"role\":\"$role\",\"module\":\"$name\",\"optional\":$opt,\"rc\":$rc"
+	up=$(cut -d ' ' -f 1 /proc/uptime)
+	head="\"type\":\"insmod\",\"role\":\"$role\",\"module\":\"$name\",\"optional\":$opt,\"rc\":$rc,\"uptime\":$up"
 	emit "{$head,\"stderr_b64\":\"$(b64 /tmp/insmod.err)\",\"dmesg_b64\":\"$(b64 /tmp/kmsg)\"}"
 	return $rc
 }

@@ -35,6 +35,7 @@ class KernelImage:
     release: str
     boot_path: Path  # passed to qemu -kernel
     boot_mode: str  # "pvh" (ELF vmlinux) or "bzimage"
+    kasan: bool = False  # built with KASAN (wants more RAM; reports every bug with kasan_multi_shot)
 
 
 def image_release(path: Path) -> str:
@@ -119,11 +120,17 @@ def resolve_image(image: Path, cache_dir: Path) -> KernelImage:
     if is_elf:
         if not _has_pvh_note(image):
             raise InputError(f"{image} is an ELF vmlinux without a PVH entry note (CONFIG_PVH); pass the bzImage")
-        return KernelImage(image, release, image, "pvh")
+        return KernelImage(image, release, image, "pvh", is_kasan(image))
     vmlinux = extract_vmlinux(image, cache_dir)
     if vmlinux is not None and _has_pvh_note(vmlinux):
-        return KernelImage(image, release, vmlinux, "pvh")
-    return KernelImage(image, release, image, "bzimage")
+        return KernelImage(image, release, vmlinux, "pvh", is_kasan(vmlinux))
+    return KernelImage(image, release, image, "bzimage", vmlinux is not None and is_kasan(vmlinux))
+
+
+def is_kasan(path: Path) -> bool:
+    """Whether an uncompressed kernel image carries KASAN's report format (bzImage payloads are compressed)."""
+    with path.open("rb") as f:
+        return b"BUG: KASAN: " in f.read()
 
 
 def _version_key(release: str) -> list[int]:

@@ -45,7 +45,7 @@ class QemuOutcome:
         return self.exit_code >> 1
 
 
-BASE_APPEND = "console=ttyS0 loglevel=5 oops=panic panic=-1 kasan_multi_shot rdinit=/init"
+BASE_APPEND = "console=ttyS0 loglevel=5 oops=panic panic=-1 rdinit=/init"
 
 
 def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:

@@ -193,7 +193,6 @@ def measured_columns(lab: dict[str, Any]) -> dict[str, dict[str, str]]:
             "lab: loaded": _loaded(runs),
             "lab: corrected confirms": _calls(runs),
             "lab: delivered": _delivered(runs),
-            "lab: clash resolutions": _ct(runs, "clashres"),
             "lab: clashes per 10k flows": clash_rate,
             "lab: kernel reports": _faults(runs),
             "lab: reports per 10k flows": report_rate,

@@ -414,6 +414,12 @@ _HEADERS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 _END_RE = re.compile(r"^(---\[ end |={20,}$)")
 _FRAME_RE = re.compile(r"^\s*(\?\s+)?([A-Za-z_.][\w.]*\+0x[0-9a-f]+/0x[0-9a-f]+(?: \[\w+\])?)")
+_REPORTING_FRAME_RE = re.compile(
+    r"^(dump_stack|show_stack|print_report|print_address_description|kasan_|__kasan|__asan_|check_memory_region|"
+    r"report_bug|handle_bug|exc_invalid_op|asm_exc_invalid_op|__warn|warn_slowpath|panic|lockdep_|"
+    r"print_circular_bug|check_noncircular|__lock_acquire|ubsan_|__ubsan)"
+)
+_TRACE_END_RE = re.compile(r"^\s*(</TASK>|Allocated by task|Freed by task|The buggy address)")
 _RIP_RE = re.compile(r"^RIP: \w+:(\S+(?: \[\w+\])?)")
 _MAX_REPORT_LINES = 120
 
@@ -467,8 +473,11 @@ def _make_fault(kind: str, lines: list[str]) -> Fault:
             in_trace = True
             continue
         if in_trace:
+            if _TRACE_END_RE.search(line):
+                in_trace = False
+                continue
             fm = _FRAME_RE.search(line)
-            if fm and not fm.group(1) and fm.group(2) not in frames:
+            if fm and not fm.group(1) and fm.group(2) not in frames and not _REPORTING_FRAME_RE.search(fm.group(2)):
                 frames.append(fm.group(2))
         if len(frames) >= 6:
             break

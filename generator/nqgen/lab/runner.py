@@ -218,7 +218,7 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
             smp=cfg.smp,
             memory=cfg.memory,
             timeout=cfg.timeout,
-            append=cfg.append,
+            append=("kasan_multi_shot " if cfg.kernel.kasan else "") + cfg.append,
         ),
         run_dir,
     )
@@ -311,6 +311,7 @@ def lab_json(lab: LabRun) -> dict[str, Any]:
             "image": str(c.kernel.image),
             "release": c.kernel.release,
             "boot_mode": c.kernel.boot_mode,
+            "kasan": c.kernel.kasan,
             "modules_dir": str(c.modules_dir),
             "kdir": str(c.kdir),
         },
