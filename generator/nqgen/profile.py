@@ -131,7 +131,7 @@ class KernelFeatures:
     livepatch_api: LivepatchApi
     has_ecache_exist: bool  # nf_ct_ecache_exist()
     confirm_generation: ConfirmGeneration
-    confirm_has_vrf_check: bool  # ipv4_confirm skips l3mdev masters at POST_ROUTING (6.0+)
+    confirm_has_vrf_check: bool  # ipv4_confirm skips l3mdev masters at POST_ROUTING (5.16+, 8e0538d8ee06)
     fix_present: bool  # the inline nf_conntrack_confirm re-reads ct after __nf_conntrack_confirm
     kallsyms_lookup_name_exported: bool
     nf_confirm_exported: bool
