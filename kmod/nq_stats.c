@@ -31,11 +31,8 @@ static ssize_t nq_counter_show(struct kobject *kobj,
 
 	for_each_possible_cpu(cpu)
 		sum += per_cpu(nq_stats, cpu).cnt[ca->idx];
-{%- if cookiecutter.target.generation == "G1" %}
+	/* not sysfs_emit(): older kernels of the same generation lack it */
 	return scnprintf(buf, PAGE_SIZE, "%lu\n", sum);
-{%- else %}
-	return sysfs_emit(buf, "%lu\n", sum);
-{%- endif %}
 }
 
 static struct nq_counter_attr nq_counter_attrs[NQ_CNT_MAX];

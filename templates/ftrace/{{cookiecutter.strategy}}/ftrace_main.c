@@ -19,6 +19,9 @@
 #include "nq_resolve.h"
 #include "nq_stats.h"
 
+/* the ftrace site lies this close to the start of a function, or nowhere */
+#define NQ_FTRACE_SITE_MAX 16UL
+
 /* nqgen's corrected copy of each nq_targets[] entry, in the same order */
 static const unsigned long nq_replacements[NQ_NTARGETS] = {
 {%- for f in cookiecutter.target.families %}
@@ -44,7 +47,12 @@ static void notrace nq_ftrace_thunk(unsigned long ip, unsigned long parent_ip,
 	if (within_module(parent_ip, THIS_MODULE))
 		return;
 	for (i = 0; i < NQ_NTARGETS; i++) {
-		if (ip != nq_targets[i].addr)
+		/*
+		 * ip is the ftrace site: the function's first byte, or a few
+		 * bytes in when the function starts with ENDBR (IBT) or
+		 * patchable entry NOPs.
+		 */
+		if (ip - nq_targets[i].addr >= NQ_FTRACE_SITE_MAX)
 			continue;
 		nq_count(redirects);
 {%- if cookiecutter.target.ftrace_set_ip == "regs_ip" %}
