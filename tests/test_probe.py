@@ -361,3 +361,20 @@ def test_modules_from_different_builds(tmp_path) -> None:  # type: ignore[no-unt
     assert any(
         w.startswith("the conntrack modules come from different builds: nf_conntrack_ipv4:") for w in facts.warnings
     )
+
+
+def test_default_inputs_from_a_kernel_build_tree(tmp_path, debian) -> None:  # type: ignore[no-untyped-def]
+    """A build tree (not installed in /lib/modules) holds its modules, System.map and vmlinux itself."""
+    kdir = tmp_path / "linux"
+    (kdir / "include/generated").mkdir(parents=True)
+    (kdir / "include/generated/utsrelease.h").write_text('#define UTS_RELEASE "6.1.192-nqgen-test"\n')
+    (kdir / "net/netfilter").mkdir(parents=True)
+    module = kdir / "net/netfilter/nf_conntrack.ko"
+    module.write_bytes(debian.nf_conntrack.read_bytes())
+    for name in ("System.map", "vmlinux", ".config", "Module.symvers"):
+        (kdir / name).write_text("")
+    inputs = probe.default_inputs(kdir=kdir)
+    assert inputs.release == "6.1.192-nqgen-test"
+    assert inputs.modules == [module]
+    assert (inputs.system_map, inputs.vmlinux) == (kdir / "System.map", kdir / "vmlinux")
+    assert (inputs.config, inputs.symvers) == (kdir / ".config", kdir / "Module.symvers")

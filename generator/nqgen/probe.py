@@ -71,12 +71,15 @@ def installed_releases(root: Path | None = None) -> list[str]:
         return []
 
 
-def find_conntrack_modules(modules_dir: Path) -> list[Path]:
-    """The conntrack module files under ``modules_dir/kernel`` (any compression), in CONNTRACK_MODULES order."""
+def find_conntrack_modules(modules_dir: Path, *, subdir: str = "kernel") -> list[Path]:
+    """The conntrack module files under ``modules_dir/kernel`` (any compression), in CONNTRACK_MODULES order.
+
+    ``subdir=""`` looks in a kernel build tree instead, where the modules sit beside their sources.
+    """
     found = []
     for rel in CONNTRACK_MODULES:
         for suffix in COMPRESSED_SUFFIXES:
-            path = modules_dir / "kernel" / (rel + suffix)
+            path = modules_dir / subdir / (rel + suffix)
             if path.is_file():
                 found.append(path)
                 break
@@ -99,7 +102,10 @@ def default_inputs(release: str | None = None, kdir: Path | None = None) -> Prof
     mods = MODULES_ROOT / release
     if kdir is None and (mods / "build").is_dir():
         kdir = mods / "build"
-    system_map = _existing(BOOT / f"System.map-{release}")
+    modules = find_conntrack_modules(mods)
+    if not modules and kdir is not None:
+        modules = find_conntrack_modules(kdir, subdir="")  # a build tree holds its own modules
+    system_map = _existing(BOOT / f"System.map-{release}") or (_existing(kdir / "System.map") if kdir else None)
     if system_map is not None and symsources.is_placeholder_system_map(system_map):
         notes.append(f"{system_map} is Debian's placeholder (the real one is in linux-image-*-dbg): not used")
         system_map = None
@@ -108,11 +114,13 @@ def default_inputs(release: str | None = None, kdir: Path | None = None) -> Prof
         config = _existing(kdir / ".config")
     symvers = _existing(kdir / "Module.symvers") if kdir is not None else None
     vmlinux = _first_existing(
-        Path(f"/usr/lib/debug/boot/vmlinux-{release}"), Path(f"/usr/lib/debug/lib/modules/{release}/vmlinux")
+        Path(f"/usr/lib/debug/boot/vmlinux-{release}"),
+        Path(f"/usr/lib/debug/lib/modules/{release}/vmlinux"),
+        *([kdir / "vmlinux"] if kdir is not None else []),
     )
     return ProfileInputs(
         kdir=kdir,
-        modules=find_conntrack_modules(mods),
+        modules=modules,
         vmlinux=vmlinux,
         system_map=system_map,
         kallsyms=kallsyms,
