@@ -10,7 +10,7 @@ import click
 
 from ..errors import InputError, LabError
 from .guest import MAX_ROUNDS, Workload
-from .kernel import default_cache_dir, default_image, resolve_image
+from .kernel import default_cache_dir, default_image, image_release, resolve_image
 from .manifest import discover
 from .report import measured_markdown, terminal_table, write_chart
 from .results import RunResult
@@ -28,6 +28,31 @@ def _inputs(out: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg})") from exc
     return data if isinstance(data, dict) else {}
+
+
+def _default_image(release: str | None, kdir: Path | None) -> Path:
+    """The installed image for ``release``, else the build tree's own vmlinux/bzImage, else the newest one."""
+    if release and (Path("/boot") / f"vmlinuz-{release}").is_file():
+        return Path("/boot") / f"vmlinuz-{release}"
+    if kdir is not None and release:
+        for candidate in (kdir / "vmlinux", kdir / "arch/x86/boot/bzImage"):
+            if candidate.is_file() and image_release(candidate) == release:
+                return candidate
+    return default_image(release)
+
+
+def _default_modules_dir(release: str, inputs: dict[str, Any]) -> Path:
+    """/lib/modules/<release>, else the tree holding the nf_conntrack.ko the generator read."""
+    installed = Path("/lib/modules") / release
+    if (installed / "modules.dep").is_file():
+        return installed
+    sources = inputs.get("sources")
+    module = sources.get("module:nf_conntrack") if isinstance(sources, dict) else None
+    if isinstance(module, str):
+        for parent in Path(module).parents:
+            if (parent / "modules.dep").is_file() and parent.name == release:
+                return parent
+    return installed
 
 
 def _progress(verbose: bool) -> Any:
@@ -102,13 +127,15 @@ def lab(
         raise InputError(f"--out {out}: no such directory (run nqgen first)")
     inputs = _inputs(out)
     release = inputs.get("release") if isinstance(inputs.get("release"), str) else None
-    image = resolve_image(kernel or default_image(release), default_cache_dir())
+    if kdir is None and inputs.get("kdir"):
+        kdir = Path(str(inputs["kdir"]))
+    image = resolve_image(kernel or _default_image(release, kdir), default_cache_dir())
     if modules_dir is None:
-        modules_dir = Path("/lib/modules") / image.release
+        modules_dir = _default_modules_dir(image.release, inputs)
     if not (modules_dir / "modules.dep").is_file():
         raise InputError(f"{modules_dir}/modules.dep not found: pass --modules-dir for kernel {image.release}")
     if kdir is None:
-        kdir = Path(str(inputs["kdir"])) if inputs.get("kdir") else modules_dir / "build"
+        kdir = modules_dir / "build"
     manifests = discover(out, strategies)
     if memory is None:
         memory = "1G" if image.kasan else "512M"
