@@ -266,6 +266,7 @@ def write_chart(lab: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     grouped = groups(lab)
     names = [_label(name, runs) for name, runs in grouped]
@@ -277,17 +278,21 @@ def write_chart(lab: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(max(10.0, 2.4 * len(grouped)), 4.4))
     ax = axes[0]
     ax.bar([i - 0.2 for i in x], sent, width=0.4, label="sent", color="#9ab")
-    ax.bar([i + 0.2 for i in x], received, width=0.4, label="received", color="#2a6")
+    bars = ax.bar([i + 0.2 for i in x], received, width=0.4, label="received", color="#2a6")
+    ax.bar_label(bars, fontsize=7)
     ax.set_title("datagrams")
-    ax.legend(fontsize=8)
-    axes[1].bar(x, clashes, color="#c83")
-    axes[1].set_title("clash resolutions (workload)")
-    axes[2].bar(x, faults, color="#c22")
-    axes[2].set_title("kernel reports (Oops/BUG/KASAN/WARNING)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(0, max([1, *sent]) * 1.15)
+    axes[1].bar_label(axes[1].bar(x, clashes, color="#c83"), fontsize=7)
+    axes[1].set_title("clash resolutions")
+    axes[1].set_ylim(0, max([1, *clashes]) * 1.15)
+    axes[2].bar_label(axes[2].bar(x, faults, color="#c22"), fontsize=7)
+    axes[2].set_title("kernel reports")
+    axes[2].set_ylim(0, max([1, *faults]) * 1.15)
     for a in axes:
         a.set_xticks(x)
         a.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    axes[2].set_ylim(0, max([1, *faults]) * 1.2)
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))
     k = lab.get("kernel", {})
     fig.suptitle(f"nqgen lab on {k.get('release')} ({lab.get('date', '')})", fontsize=10)
     fig.tight_layout()
