@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,8 @@ def lab(
         f"{f', {repeat} boots each' if repeat > 1 else ''}",
         err=True,
     )
+    if config.logs_dir is not None and config.logs_dir.is_dir():
+        shutil.rmtree(config.logs_dir)  # logs of an earlier lab run would be mistaken for this one's
     result = run_lab(config, manifests, _progress(verbose=False))
     data = lab_json(result)
     (out / "lab.json").write_text(json.dumps(data, indent=2) + "\n")

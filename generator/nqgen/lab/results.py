@@ -406,6 +406,7 @@ _HEADERS: tuple[tuple[str, re.Pattern[str]], ...] = (
                            r"suspicious RCU usage|bad unlock balance|held lock freed)")),
     ("lockdep", re.compile(r"^(INFO: )?(possible irq lock inversion|inconsistent lock state)")),
     ("UBSAN", re.compile(r"^UBSAN: ")),
+    ("hang", re.compile(r"^(watchdog: BUG: soft lockup|NMI watchdog: Watchdog detected hard LOCKUP)")),
     ("BUG", re.compile(r"^(BUG: |kernel BUG at )")),
     ("Oops", re.compile(r"^(Oops: |general protection fault)")),
     ("WARNING", re.compile(r"^WARNING: ")),
