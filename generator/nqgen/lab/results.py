@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 CT_STAT_FIELDS = ("clashres", "insert_failed", "drop", "early_drop", "invalid", "insert", "found", "search_restart")
+KERNEL_LOG_TAIL = 20000  # characters of the guest's kernel log kept in lab.json (full logs: out/lab-logs)
 TAINT_FAULT_BITS = {5: "B (bad page)", 7: "D (died)", 9: "W (warning)", 14: "L (soft lockup)"}
 
 
@@ -311,7 +312,7 @@ def apply_results(run: RunResult, text: str) -> None:
         if not isinstance(rec, dict):
             continue
         _apply_record(run, rec, log)
-    run.kernel_log = "".join(log)
+    run.kernel_log = "".join(log)[-KERNEL_LOG_TAIL:]
 
 
 def _int(value: object, default: int = 0) -> int:
