@@ -282,6 +282,9 @@ def run_lab(
         if not m.ko.is_file():
             raise InputError(f"{m.ko} does not exist (build the module first)")
         _check_vermagic(m.ko, config.kernel.release, f"{m.ko.name} ({m.strategy})")
+        name = (modinfo(m.ko).get("name") or [m.module])[0]
+        if name != m.module:
+            raise InputError(f"{m.ko} is module {name!r}, its manifest says {m.module!r}")
     specs = plan_runs(manifests, config.baselines, config.repeat, config.nfqueue_variants)
     if not specs:
         raise InputError("nothing to run: no baseline and no built strategy")
