@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from nqgen.errors import EXIT_LAB, InputError
-from nqgen.lab.build import build_module
+from nqgen.lab.build import build_module, build_programs
 from nqgen.lab.guest import GuestModule, GuestPlan, Workload, render_init
 from nqgen.lab.initramfs import Cpio
-from nqgen.lab.kernel import image_release
+from nqgen.lab.kernel import image_release, resolve_image
 from nqgen.lab.manifest import Manifest, discover
 from nqgen.lab.modtree import ModuleTree
 from nqgen.lab.report import ROW_COLUMNS, measured_columns, measured_markdown, rows
@@ -389,6 +389,24 @@ def test_module_closure_comes_from_modules_dep() -> None:
     with pytest.raises(InputError):
         tree.closure(["no_such_module_nq"])
     assert image_release(DEBIAN[0]) == DEBIAN[1].name
+
+
+@pytest.mark.skipif(DEBIAN is None, reason="needs an installed Debian kernel")
+def test_bzimage_boots_through_its_extracted_pvh_vmlinux(tmp_path: Path) -> None:
+    assert DEBIAN is not None
+    image = resolve_image(DEBIAN[0], tmp_path)
+    assert image.boot_mode == "pvh" and image.boot_path.parent == tmp_path
+    assert image.boot_path.read_bytes()[:4] == b"\x7fELF"
+    assert image.release == DEBIAN[1].name and not image.kasan
+    assert resolve_image(image.boot_path, tmp_path).boot_path == image.boot_path  # an ELF vmlinux as is
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_guest_programs_compile_static_without_warnings(tmp_path: Path) -> None:
+    programs = build_programs(tmp_path)
+    assert set(programs) == {"nq_udprace", "nq_queue", "nq_ctevents"}
+    for binary in programs.values():
+        assert b"/ld-linux" not in binary.read_bytes()[:4096]  # no interpreter: runs in the bare initramfs
 
 
 def test_discover_rejects_unknown_strategy(tmp_path: Path) -> None:
