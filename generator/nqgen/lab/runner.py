@@ -25,6 +25,7 @@ from .results import RunResult, apply_results, find_faults
 LAB_ROOTS = ("nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue")
 HELPER_GUEST_PATH = "/nqlab/nqlab_ct.ko"
 MAX_FAULT_TEXTS = 5
+DEVICE_NODES = (("console", 5, 1), ("null", 1, 3), ("kmsg", 1, 11), ("port", 1, 4), ("ttyS0", 4, 64), ("ttyS1", 4, 65))
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,9 @@ class _Guest:
         c = Cpio()
         for d in ("dev", "proc", "sys", "tmp", "root"):
             c.directory(d)
-        c.char_device("dev/console", 5, 1)
+        # devtmpfs is mounted over /dev when the kernel has it; these nodes serve kernels without it
+        for node, major, minor in DEVICE_NODES:
+            c.char_device(f"dev/{node}", major, minor)
         c.copy("bin/busybox", self.config.busybox, 0o755)
         for applet in self.applets:
             if not c.has(f"bin/{applet}"):
