@@ -282,6 +282,17 @@ def test_find_faults_splits_kasan_and_warning_reports_and_skips_reporting_frames
     assert faults[0].frames == ["nf_confirm+0x406/0x430 [nf_conntrack]", "nf_hook_slow+0x64/0x100"]
 
 
+def test_warnings_before_init_are_the_kernels_own_not_the_runs() -> None:
+    run = RunResult(name="baseline", kind="baseline", strategy=None, module=None, nfqueue=False)
+    apply_results(run, '{"type":"taint","phase":"boot","value":512,"uptime":5.0}\n{"type":"done","code":0}')
+    early = "[    1.000000] WARNING: CPU: 0 PID: 1 at arch/x86/kernel/tsc.c:1 tsc_init+0x1/0x2\n"
+    run.set_faults(find_faults(early + KASAN_REPORT))
+    assert [f.phase for f in run.faults] == ["boot", "run", "run"]
+    assert [f.kind for f in run.run_faults] == ["KASAN", "WARNING"]
+    run.set_faults(find_faults(early))
+    assert run.run_faults == [] and run.verdict != "fault"
+
+
 def test_plan_runs_repeats_and_adds_nfqueue_variants() -> None:
     queued = Manifest("advance-confirm", "nq_a", Path("a.ko"), {}, None, (), None, "rmmod", None, 0, 1, (), "")
     direct = Manifest("ftrace", "nq_f", Path("f.ko"), {}, None, (), None, "rmmod", None, None, 0, (), "")

@@ -102,7 +102,7 @@ def _faults(runs: list[Run]) -> str:
     if total == 0:
         taints = sorted({t for r in runs for t in _d(r).get("taint_faults") or []})
         return ", ".join(taints) or "none"
-    first = next(r for r in runs if r.get("faults"))["faults"][0]
+    first = next(f for r in runs for f in r.get("faults") or [] if f.get("phase", "run") == "run")
     where = "" if len(runs) == 1 else f" in {sum(1 for c in counts if c)}/{len(runs)} boots"
     return f"{total}{where}: {first.get('title', '')}"
 
@@ -233,7 +233,7 @@ def measured_markdown(lab: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     lines.append("")
     for name, runs in groups(lab):
-        faults = [f for r in runs for f in r.get("faults") or []]
+        faults = [f for r in runs for f in r.get("faults") or [] if f.get("phase", "run") == "run"]
         if not faults:
             continue
         titles: dict[str, int] = {}

@@ -84,6 +84,8 @@ class Fault:
     title: str
     text: str
     frames: list[str] = field(default_factory=list)
+    time: float | None = None  # kernel timestamp of the report's first line (s since boot)
+    phase: str = "run"  # "boot": a WARNING before the lab loaded anything (the kernel's own, not counted)
 
 
 @dataclass
@@ -175,13 +177,25 @@ class RunResult:
         new = last & ~first
         return [name for bit, name in TAINT_FAULT_BITS.items() if new & (1 << bit)]
 
+    def set_faults(self, faults: list[Fault]) -> None:
+        """Take the console's reports; WARNINGs before the first module load are the kernel's own (boot)."""
+        boot = self.uptime.get("boot")
+        for f in faults:
+            if f.kind == "WARNING" and boot is not None and f.time is not None and f.time < boot:
+                f.phase = "boot"
+        self.faults = faults
+
+    @property
+    def run_faults(self) -> list[Fault]:
+        return [f for f in self.faults if f.phase != "boot"]
+
     @property
     def problems(self) -> list[str]:
         """Why this run fails the lab (empty: it passed)."""
         out: list[str] = []
-        if self.faults:
-            first = self.faults[0]
-            out.append(f"{len(self.faults)} kernel report(s), first: {first.title}")
+        if self.run_faults:
+            first = self.run_faults[0]
+            out.append(f"{len(self.run_faults)} kernel report(s), first: {first.title}")
         elif self.taint_faults:
             out.append("kernel tainted " + ", ".join(self.taint_faults))
         if self.timed_out:
@@ -215,7 +229,7 @@ class RunResult:
 
     @property
     def verdict(self) -> str:
-        if self.faults or self.taint_faults:
+        if self.run_faults or self.taint_faults:
             return "fault"
         if self.timed_out or not self.completed:
             return "incomplete"
@@ -250,7 +264,8 @@ class RunResult:
             "corrected_calls": self.corrected_calls,
             "unloaded": None if self.unload is None else self.unload.ok,
             "taint_faults": self.taint_faults,
-            "fault_count": len(self.faults),
+            "fault_count": len(self.run_faults),
+            "boot_warnings": [f.title for f in self.faults if f.phase == "boot"],
             "fault_kinds": sorted({f.kind for f in self.faults}),
             "fault_titles": dict(Counter(f.title for f in self.faults).most_common(5)),
             "workload_seconds": round(self.uptime["workload"] - self.uptime["before"], 2)
@@ -263,6 +278,7 @@ class RunResult:
 # ---- parsing ------------------------------------------------------------------------------
 
 _TS_RE = re.compile(r"^\[\s*\d+\.\d+\]\s?", re.MULTILINE)
+_TS_VALUE_RE = re.compile(r"^\[\s*(\d+\.\d+)\]\s?")
 
 
 def strip_timestamps(text: str) -> str:
@@ -414,6 +430,7 @@ _HEADERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("hang", re.compile(r"^(INFO: task .* blocked for more than|rcu: INFO: .* detected stalls)")),
     ("panic", re.compile(r"^Kernel panic - not syncing")),
 )
+_NEW_REPORT_KINDS = ("KASAN", "WARNING", "lockdep", "BUG", "UBSAN", "hang")
 _END_RE = re.compile(r"^(---\[ end |={20,}$)")
 _FRAME_RE = re.compile(r"^\s*(\?\s+)?([A-Za-z_.][\w.]*\+0x[0-9a-f]+/0x[0-9a-f]+(?: \[\w+\])?)")
 _REPORTING_FRAME_RE = re.compile(
@@ -435,36 +452,43 @@ def _classify(line: str) -> str | None:
 
 def find_faults(console: str) -> list[Fault]:
     """Every kernel report on the console, with its text, title and top stack frames."""
-    lines = strip_timestamps(console.replace("\r", "")).splitlines()
     faults: list[Fault] = []
     current: list[str] | None = None
     kind = ""
-    for line in lines:
+    start: float | None = None
+    for raw in console.replace("\r", "").splitlines():
+        ts = _TS_VALUE_RE.match(raw)
+        line = raw[ts.end() :] if ts else raw
         if current is not None:
             header = _classify(line)
+            if header in _NEW_REPORT_KINDS:
+                # a report that never printed its end marker: the next one starts here
+                faults.append(_make_fault(kind, current, start))
+                current = None
+        if current is not None:
             if header == "panic":
                 current.append(line)
-                faults.append(_make_fault(kind, current))
+                faults.append(_make_fault(kind, current, start))
                 current = None
                 continue
             current.append(line)
             if (_END_RE.search(line) and len(current) > 2) or len(current) >= _MAX_REPORT_LINES:
-                faults.append(_make_fault(kind, current))
+                faults.append(_make_fault(kind, current, start))
                 current = None
             continue
         header = _classify(line)
         if header is not None:
-            kind, current = header, [line]
+            kind, current, start = header, [line], float(ts.group(1)) if ts else None
             if header == "panic":
-                faults.append(_make_fault(kind, current))
+                faults.append(_make_fault(kind, current, start))
                 current = None
     if current is not None:
-        faults.append(_make_fault(kind, current))
+        faults.append(_make_fault(kind, current, start))
     # a panic that only closes an earlier report adds nothing of its own
     return [f for f in faults if f.kind != "panic" or len(faults) == 1]
 
 
-def _make_fault(kind: str, lines: list[str]) -> Fault:
+def _make_fault(kind: str, lines: list[str], start: float | None) -> Fault:
     frames: list[str] = []
     in_trace = False
     for line in lines:
@@ -483,4 +507,4 @@ def _make_fault(kind: str, lines: list[str]) -> Fault:
                 frames.append(fm.group(2))
         if len(frames) >= 6:
             break
-    return Fault(kind=kind, title=lines[0].strip(), text="\n".join(lines), frames=frames)
+    return Fault(kind=kind, title=lines[0].strip(), text="\n".join(lines), frames=frames, time=start)

@@ -240,7 +240,7 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
         corrected_counter=None if m is None else m.corrected_counter,
     )
     apply_results(result, outcome.results)
-    result.faults = find_faults(outcome.console)
+    result.set_faults(find_faults(outcome.console))
     for fault in result.faults[MAX_FAULT_TEXTS:]:
         fault.text = ""  # a KASAN multi-shot run can report hundreds of times: keep titles and frames
     if cfg.logs_dir is not None:
