@@ -36,6 +36,7 @@ class QemuOutcome:
     results: str  # ttyS1: JSON lines from the guest's init
     seconds: float
     command: tuple[str, ...]
+    qemu_output: str = ""  # qemu's own stdout/stderr
 
     @property
     def guest_exit(self) -> int | None:
@@ -94,4 +95,5 @@ def boot(cfg: QemuConfig, workdir: Path) -> QemuOutcome:
         results=results.read_text(errors="replace") if results.exists() else "",
         seconds=seconds,
         command=tuple(cmd),
+        qemu_output=out.decode(errors="replace")[-2000:],
     )

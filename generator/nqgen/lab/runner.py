@@ -240,6 +240,9 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
         corrected_counter=None if m is None else m.corrected_counter,
     )
     apply_results(result, outcome.results)
+    if not outcome.console.strip():
+        why = outcome.qemu_output.strip().splitlines()[-1:] or [f"qemu exit {outcome.exit_code}"]
+        result.errors.append(f"the kernel printed nothing on the console ({cfg.kernel.boot_mode} boot): {why[0]}")
     result.set_faults(find_faults(outcome.console))
     for fault in result.faults[MAX_FAULT_TEXTS:]:
         fault.text = ""  # a KASAN multi-shot run can report hundreds of times: keep titles and frames
