@@ -134,10 +134,18 @@ int main(int argc, char **argv)
 
 	while ((opt = getopt(argc, argv, "b:c:d:r:")) != -1) {
 		switch (opt) {
-		case 'b': base = atoi(optarg); break;
-		case 'c': count = atoi(optarg); break;
-		case 'd': delay_us = atoi(optarg); break;
-		case 'r': ready = optarg; break;
+		case 'b':
+			base = atoi(optarg);
+			break;
+		case 'c':
+			count = atoi(optarg);
+			break;
+		case 'd':
+			delay_us = atoi(optarg);
+			break;
+		case 'r':
+			ready = optarg;
+			break;
 		default:
 			fprintf(stderr, "usage: nq_queue [-b base] [-c count] [-d delay_us] [-r ready_file]\n");
 			return 2;

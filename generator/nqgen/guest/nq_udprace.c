@@ -153,13 +153,27 @@ int main(int argc, char **argv)
 
 	while ((opt = getopt(argc, argv, "r:t:f:p:s:w:n:")) != -1) {
 		switch (opt) {
-		case 'r': rounds = atol(optarg); break;
-		case 't': nthreads = atoi(optarg); break;
-		case 'f': fams = optarg; break;
-		case 'p': dport = atoi(optarg); break;
-		case 's': sport_base = atoi(optarg); break;
-		case 'w': drain_ms = atoi(optarg); break;
-		case 'n': name = optarg; break;
+		case 'r':
+			rounds = atol(optarg);
+			break;
+		case 't':
+			nthreads = atoi(optarg);
+			break;
+		case 'f':
+			fams = optarg;
+			break;
+		case 'p':
+			dport = atoi(optarg);
+			break;
+		case 's':
+			sport_base = atoi(optarg);
+			break;
+		case 'w':
+			drain_ms = atoi(optarg);
+			break;
+		case 'n':
+			name = optarg;
+			break;
 		default:
 			fprintf(stderr, "usage: nq_udprace [-r rounds] [-t threads] [-f 4|6|46] [-p dport] [-s sport] [-w ms] [-n name]\n");
 			return 2;
