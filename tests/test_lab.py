@@ -342,6 +342,8 @@ def test_results_lines_make_a_run_with_problems() -> None:
         '"stderr_b64":"aW5zbW9kOiBjYW4ndCBpbnNlcnQgJ3gua28nOiBVbmtub3duIHN5bWJvbCBpbiBtb2R1bGUK","dmesg_b64":""}',
         '{"type":"traffic","name":"workload","family":"ipv4","rounds":10,"threads":2,"sent":20,"send_errors":0,'
         '"received":18}',
+        '{"type":"traffic","name":"workload","family":"ipv6","rounds":10,"threads":2,"sent":18,"send_errors":2,'
+        '"received":18}',
         "garbage that is not json",
         '{"type":"done","code":0}',
     ]
@@ -350,7 +352,7 @@ def test_results_lines_make_a_run_with_problems() -> None:
     assert run.loaded is False
     assert run.verdict == "refused"
     assert any("Unknown symbol in module" in p for p in run.problems)
-    assert any("lost 2 of 20" in p for p in run.problems)
+    assert any("lost 4 of 40 datagrams (2 refused at send)" in p for p in run.problems)
     assert any("unparsable" in e for e in run.errors)
 
 

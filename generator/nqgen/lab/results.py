@@ -54,8 +54,13 @@ class Traffic:
     send_errors: int
 
     @property
+    def attempted(self) -> int:
+        """Datagrams the senders tried: a send the kernel refused (a hook dropped it) counts as lost."""
+        return self.sent + self.send_errors
+
+    @property
     def lost(self) -> int:
-        return max(self.sent - self.received, 0)
+        return max(self.attempted - self.received, 0)
 
 
 @dataclass
@@ -131,7 +136,11 @@ class RunResult:
         return None if self.kind == "baseline" else (load is not None and load.ok)
 
     def sent(self, phase: str = "workload") -> int:
-        return sum(t.sent for t in self.traffic if t.phase == phase)
+        """Datagrams attempted in ``phase`` (successful sends plus sends the kernel refused)."""
+        return sum(t.attempted for t in self.traffic if t.phase == phase)
+
+    def send_errors(self, phase: str = "workload") -> int:
+        return sum(t.send_errors for t in self.traffic if t.phase == phase)
 
     def received(self, phase: str = "workload") -> int:
         return sum(t.received for t in self.traffic if t.phase == phase)
@@ -168,7 +177,7 @@ class RunResult:
         health = [t for t in self.traffic if t.phase == "health"]
         if not health:
             return None
-        return all(t.sent > 0 and t.lost == 0 and t.send_errors == 0 for t in health)
+        return all(t.sent > 0 and t.lost == 0 for t in health)
 
     @property
     def taint_faults(self) -> list[str]:
@@ -221,7 +230,9 @@ class RunResult:
         if self.completed and self.sent() == 0:
             out.append("no datagram sent")
         elif lost > 0:
-            out.append(f"lost {lost} of {self.sent()} datagrams")
+            refused = self.send_errors()
+            why = f" ({refused} refused at send)" if refused else ""
+            out.append(f"lost {lost} of {self.sent()} datagrams{why}")
         if self.completed and self.healthy is False:
             out.append("traffic failed after unload")
         out.extend(self.errors)
@@ -255,6 +266,7 @@ class RunResult:
             "sent": self.sent(),
             "received": self.received(),
             "lost": self.sent() - self.received(),
+            "send_errors": self.send_errors(),
             "health_sent": self.sent("health"),
             "health_received": self.received("health"),
             "healthy": self.healthy,
