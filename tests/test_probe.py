@@ -188,8 +188,10 @@ def test_kallsyms_hidden_or_module_not_loaded(tmp_path, debian) -> None:  # type
     assert any("kptr_restrict" in w for w in facts.warnings)
     unloaded = tmp_path / "unloaded"
     unloaded.write_text("ffffffff81000000 T _text\n")
-    facts = collect_symbol_facts(debian_inputs(debian, system_map=unloaded))
+    facts = collect_symbol_facts(debian_inputs(debian, kallsyms=unloaded))
     assert any("module not loaded or not built in" in w for w in facts.warnings)
+    facts = collect_symbol_facts(debian_inputs(debian, system_map=unloaded))
+    assert facts.warnings == ()  # System.map never lists module symbols: nothing to say
 
 
 def test_release_mismatch_is_warned(tmp_path, debian) -> None:  # type: ignore[no-untyped-def]
@@ -304,6 +306,7 @@ def test_reference_kernel_profile() -> None:
     assert target.delta == nm["ipv4_confirm"] - nm["nf_confirm"]
     assert target.traceable
     assert "kallsyms_lookup_name" not in facts.exports
+    assert facts.warnings == ()  # vmlinux and System.map agree
     # the built vmlinux has its symbol table: addresses agree with System.map, ftrace sites with notrace files
     vmlinux = elfread.load_vmlinux(built.vmlinux)
     listing = symsources.parse_symbol_list(system_map)

@@ -243,7 +243,7 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
         if list_path is not None:
             listing = symsources.parse_symbol_list(list_path)
             sources[kind] = str(list_path)
-            warnings.extend(cross_check(listing, confirm.values()))
+            warnings.extend(cross_check(listing, confirm.values(), lists_modules=kind == "kallsyms"))
             if vmlinux is not None and vmlinux.symbols:
                 warnings.extend(vmlinux_check(listing, vmlinux, slide_allowed=kind == "kallsyms"))
     return SymbolFacts(
@@ -367,12 +367,19 @@ def _release(image: ElfImage, inputs: ProfileInputs) -> tuple[str, list[str]]:
     return mod_release, notes
 
 
-def cross_check(listing: symsources.SymbolList, targets: Iterable[ConfirmTarget]) -> list[str]:
-    """Compare each target's file delta with the addresses in a System.map/kallsyms listing."""
+def cross_check(
+    listing: symsources.SymbolList, targets: Iterable[ConfirmTarget], *, lists_modules: bool = True
+) -> list[str]:
+    """Compare each target's file delta with the addresses in a System.map/kallsyms listing.
+
+    System.map (``lists_modules=False``) holds vmlinux symbols only: module targets are skipped silently.
+    """
     notes: list[str] = []
     if listing.addresses_hidden:
         return [f"{listing.path}: every address is 0 (kptr_restrict): cross-check skipped"]
     for target in targets:
+        if not lists_modules and target.module != "vmlinux":
+            continue
         if target.anchor is None or target.delta is None:
             continue
         fn = listing.lookup(target.function, module=target.module)
