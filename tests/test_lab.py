@@ -282,13 +282,20 @@ def test_find_faults_splits_kasan_and_warning_reports_and_skips_reporting_frames
     assert faults[0].frames == ["nf_confirm+0x406/0x430 [nf_conntrack]", "nf_hook_slow+0x64/0x100"]
 
 
-def test_warnings_before_init_are_the_kernels_own_not_the_runs() -> None:
-    run = RunResult(name="baseline", kind="baseline", strategy=None, module=None, nfqueue=False)
-    apply_results(run, '{"type":"taint","phase":"boot","value":512,"uptime":5.0}\n{"type":"done","code":0}')
+def test_reports_are_tagged_with_their_phase_and_boot_warnings_do_not_count() -> None:
+    run = RunResult(name="ftrace", kind="mitigation", strategy="ftrace", module="nq_ftrace", nfqueue=False)
+    marks = {"boot": 5.0, "before": 10.0, "loaded": 20.0, "workload": 40.0, "unloaded": 45.0}
+    apply_results(
+        run,
+        "\n".join(f'{{"type":"taint","phase":"{p}","value":0,"uptime":{t}}}' for p, t in marks.items()),
+    )
     early = "[    1.000000] WARNING: CPU: 0 PID: 1 at arch/x86/kernel/tsc.c:1 tsc_init+0x1/0x2\n"
-    run.set_faults(find_faults(early + KASAN_REPORT))
-    assert [f.phase for f in run.faults] == ["boot", "run", "run"]
-    assert [f.kind for f in run.run_faults] == ["KASAN", "WARNING"]
+    late = "[   50.000000] BUG: kernel NULL pointer dereference, address: 0000000000000000\n"
+    run.set_faults(find_faults(early + KASAN_REPORT + late))
+    assert [(f.kind, f.phase) for f in run.faults] == [
+        ("WARNING", "boot"), ("KASAN", "workload"), ("WARNING", "workload"), ("BUG", "after"),
+    ]
+    assert [f.kind for f in run.run_faults] == ["KASAN", "WARNING", "BUG"]
     run.set_faults(find_faults(early))
     assert run.run_faults == [] and run.verdict != "fault"
 

@@ -122,7 +122,7 @@ taint() {
 	emit "{\"type\":\"taint\",\"phase\":\"$1\",\"value\":$(cat /proc/sys/kernel/tainted),\"uptime\":$up}"
 }
 traffic() {
-	/bin/nq_udprace -r "$2" -t "$THREADS" -f "$FAMILIES" -p "$3" -s "$4" -w "$DRAIN" -n "$1" \
+	/bin/nq_udprace -r "$2" -t "$5" -f "$FAMILIES" -p "$3" -s "$4" -w "$DRAIN" -n "$1" \
 		> /tmp/traffic.json 2> /tmp/traffic.err
 	rc=$?
 	cat /tmp/traffic.json > $R
@@ -186,14 +186,17 @@ def render_init(plan: GuestPlan) -> str:
         if plan.unload == "livepatch":
             lines.append(_patched_block(plan))
         lines.append("counters loaded")
-    lines.append(f"traffic workload {w.rounds} {WORKLOAD_DPORT} {SPORT_BASE}")
+        lines.append("taint loaded")
+    lines.append(f"traffic workload {w.rounds} {WORKLOAD_DPORT} {SPORT_BASE} $THREADS")
     lines.append("counters workload")
     lines.append("ctstat workload")
     lines.append("taint workload")
     if plan.mitigation is not None:
         lines.append(_unload_block(plan))
         lines.append("counters unloaded")
-    lines.append(f"traffic health {w.health_rounds} {HEALTH_DPORT} {SPORT_BASE + w.rounds}")
+        lines.append("taint unloaded")
+    # one sender per flow: no clash race, so a vulnerable kernel cannot fault here on its own bug
+    lines.append(f"traffic health {w.health_rounds} {HEALTH_DPORT} {SPORT_BASE + w.rounds} 1")
     lines.append("ctstat health")
     lines.append("taint health")
     lines.append('[ -n "$Q" ] && kill -TERM $Q')

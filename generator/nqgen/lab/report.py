@@ -102,9 +102,13 @@ def _faults(runs: list[Run]) -> str:
     if total == 0:
         taints = sorted({t for r in runs for t in _d(r).get("taint_faults") or []})
         return ", ".join(taints) or "none"
-    first = next(f for r in runs for f in r.get("faults") or [] if f.get("phase", "run") == "run")
+    first = next(f for r in runs for f in r.get("faults") or [] if _counts(f))
     where = "" if len(runs) == 1 else f" in {sum(1 for c in counts if c)}/{len(runs)} boots"
     return f"{total}{where}: {first.get('title', '')}"
+
+
+def _counts(fault: dict[str, Any]) -> bool:
+    return not (fault.get("phase") == "boot" and fault.get("kind") == "WARNING")
 
 
 def _unload(runs: list[Run]) -> str:
@@ -233,7 +237,7 @@ def measured_markdown(lab: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     lines.append("")
     for name, runs in groups(lab):
-        faults = [f for r in runs for f in r.get("faults") or [] if f.get("phase", "run") == "run"]
+        faults = [f for r in runs for f in r.get("faults") or [] if _counts(f)]
         if not faults:
             continue
         titles: dict[str, int] = {}

@@ -90,7 +90,7 @@ class Fault:
     text: str
     frames: list[str] = field(default_factory=list)
     time: float | None = None  # kernel timestamp of the report's first line (s since boot)
-    phase: str = "run"  # "boot": a WARNING before the lab loaded anything (the kernel's own, not counted)
+    phase: str = "run"  # boot, setup, load, workload, unload, after (see RunResult.set_faults); "run" if unknown
 
 
 @dataclass
@@ -187,16 +187,32 @@ class RunResult:
         return [name for bit, name in TAINT_FAULT_BITS.items() if new & (1 << bit)]
 
     def set_faults(self, faults: list[Fault]) -> None:
-        """Take the console's reports; WARNINGs before the first module load are the kernel's own (boot)."""
-        boot = self.uptime.get("boot")
+        """Take the console's reports and tag each with the phase it happened in (from the guest's uptimes).
+
+        Phases: boot (before init: the kernel's own WARNINGs are not counted), setup (loading the kernel's
+        modules, the helper), load (the mitigation's insmod), workload, unload, after (traffic after unload).
+        """
+        marks = [(p, self.uptime[p]) for p in ("boot", "before", "loaded", "workload", "unloaded")
+                 if p in self.uptime]
+        names = {"boot": "setup", "before": "load", "loaded": "workload", "workload": "unload", "unloaded": "after"}
+        if "loaded" not in self.uptime:
+            names["before"] = "workload"
+        if "unloaded" not in self.uptime:
+            names["workload"] = "after"
         for f in faults:
-            if f.kind == "WARNING" and boot is not None and f.time is not None and f.time < boot:
-                f.phase = "boot"
+            if f.time is None or not marks:
+                continue
+            phase = "boot"
+            for mark, t in marks:
+                if f.time >= t:
+                    phase = names[mark]
+            f.phase = phase
         self.faults = faults
 
     @property
     def run_faults(self) -> list[Fault]:
-        return [f for f in self.faults if f.phase != "boot"]
+        """Reports that count: all but WARNINGs the kernel printed before init started."""
+        return [f for f in self.faults if not (f.phase == "boot" and f.kind == "WARNING")]
 
     @property
     def problems(self) -> list[str]:
@@ -277,7 +293,8 @@ class RunResult:
             "unloaded": None if self.unload is None else self.unload.ok,
             "taint_faults": self.taint_faults,
             "fault_count": len(self.run_faults),
-            "boot_warnings": [f.title for f in self.faults if f.phase == "boot"],
+            "boot_warnings": [f.title for f in self.faults if f.phase == "boot" and f.kind == "WARNING"],
+            "faults_by_phase": dict(Counter(f.phase for f in self.run_faults)),
             "fault_kinds": sorted({f.kind for f in self.faults}),
             "fault_titles": dict(Counter(f.title for f in self.faults).most_common(5)),
             "workload_seconds": round(self.uptime["workload"] - self.uptime["before"], 2)
