@@ -89,7 +89,7 @@ def cli(
     if ctx.invoked_subcommand is not None:
         return
     from .generate import generate
-    from .probe import build_profile, default_inputs
+    from .probe import ProfileInputs, build_profile, default_inputs
 
     _check_strategy(strategy)
     _check_exists("--kdir", kdir, want_dir=True)
@@ -102,7 +102,13 @@ def cli(
         *(("--module", m) for m in modules),
     ):
         _check_exists(opt, path)
-    inputs = default_inputs(kdir=kdir)
+    try:
+        inputs = default_inputs(kdir=kdir)
+    except InputError:
+        if kdir is not None or not modules:
+            raise
+        # No tree for the running kernel, but the user named the module: profile what was given.
+        inputs = ProfileInputs()
     overrides: dict[str, Any] = {}
     if modules:
         overrides["modules"] = list(modules)
