@@ -246,6 +246,11 @@ def measured_markdown(lab: dict[str, Any]) -> str:
         lines.append(f"**{name}**: {len(faults)} kernel report(s): " + "; ".join(
             f"`{t}` x{n}" for t, n in sorted(titles.items(), key=lambda kv: -kv[1])[:3]
         ))
+        phases: dict[str, int] = {}
+        for f in faults:
+            phases[f.get("phase", "run")] = phases.get(f.get("phase", "run"), 0) + 1
+        lines.append("")
+        lines.append("when: " + ", ".join(f"{p} {n}" for p, n in phases.items()))
         first = faults[0]
         if first.get("frames"):
             lines.append("")
