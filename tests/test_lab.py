@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -361,6 +362,21 @@ def test_results_lines_make_a_run_with_problems() -> None:
     assert any("Unknown symbol in module" in p for p in run.problems)
     assert any("lost 4 of 40 datagrams (2 refused at send)" in p for p in run.problems)
     assert any("unparsable" in e for e in run.errors)
+
+
+def test_flows_after_unload_must_reach_the_conntrack_table() -> None:
+    header = "entries  clashres insert_failed drop\n"
+    stat = base64.b64encode((header + "00000005 0 0 0\n00000005 0 0 0\n").encode()).decode()
+    lines = [
+        '{"type":"traffic","name":"health","family":"ipv4","rounds":50,"threads":1,"sent":50,"send_errors":0,'
+        '"received":50}',
+        json.dumps({"type": "ctstat", "phase": "health", "b64": stat}),
+        '{"type":"done","code":0}',
+    ]
+    run = RunResult(name="baseline", kind="baseline", strategy=None, module=None, nfqueue=False)
+    apply_results(run, "\n".join(lines))
+    assert run.healthy is True and run.confirmed_after is False
+    assert any("5 entries after 50 new flows" in p for p in run.problems)
 
 
 def test_initramfs_is_a_valid_newc_archive(tmp_path: Path) -> None:

@@ -180,6 +180,18 @@ class RunResult:
         return all(t.sent > 0 and t.lost == 0 for t in health)
 
     @property
+    def health_flows(self) -> int:
+        return sum(t.rounds for t in self.traffic if t.phase == "health")
+
+    @property
+    def confirmed_after(self) -> bool | None:
+        """Whether conntrack still confirmed new flows after the unload (its table holds them), if measurable."""
+        stat = self.ct_stat.get("health")
+        if stat is None or "entries" not in stat or self.health_flows == 0:
+            return None
+        return stat["entries"] >= self.health_flows
+
+    @property
     def taint_faults(self) -> list[str]:
         last = max(self.taint.values(), default=0)
         first = self.taint.get("boot", 0)
@@ -251,6 +263,10 @@ class RunResult:
             out.append(f"lost {lost} of {self.sent()} datagrams{why}")
         if self.completed and self.healthy is False:
             out.append("traffic failed after unload")
+        confirmed = self.confirmed_after
+        if confirmed is not None and not confirmed:
+            entries = (self.ct_stat.get("health") or {}).get("entries")
+            out.append(f"conntrack holds {entries} entries after {self.health_flows} new flows: not confirmed")
         out.extend(self.errors)
         return out
 
@@ -286,6 +302,7 @@ class RunResult:
             "health_sent": self.sent("health"),
             "health_received": self.received("health"),
             "healthy": self.healthy,
+            "confirmed_after": self.confirmed_after,
             "workload_ct": self.workload_ct,
             "health_ct": self.ct_delta("workload", "health"),
             "counter_deltas": self.counter_deltas,
