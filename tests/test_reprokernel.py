@@ -15,6 +15,8 @@ from nqgen.errors import BuildError, InputError
 from nqgen.reprokernel import (
     FRAGMENT_FILE,
     PATCH_FILE,
+    PATCH_FILES,
+    PVH_PATCH_FILE,
     SOURCE_TARBALL,
     Inputs,
     ReproKernel,
@@ -28,8 +30,6 @@ from nqgen.reprokernel import (
 
 HEADER = "include/net/netfilter/nf_conntrack_core.h"
 REFETCH = "if (ret == NF_ACCEPT)\n\t\t\t\tct = (struct nf_conn *)skb_nfct(skb);"
-needs_source = pytest.mark.skipif(not SOURCE_TARBALL.is_file(),
-                                  reason=f"{SOURCE_TARBALL} missing (apt-get install linux-source-6.1)")
 
 
 def _inputs(tmp_path: Path, patch_text: str | None = None, fragment_text: str | None = None) -> Inputs:
@@ -40,7 +40,7 @@ def _inputs(tmp_path: Path, patch_text: str | None = None, fragment_text: str | 
     fragment = tmp_path / "c.fragment"
     patch.write_text(PATCH_FILE.read_text() if patch_text is None else patch_text)
     fragment.write_text(FRAGMENT_FILE.read_text() if fragment_text is None else fragment_text)
-    return load_inputs(tarball=tarball, patch=patch, fragment=fragment)
+    return load_inputs(tarball=tarball, patches=[patch, PVH_PATCH_FILE], fragment=fragment)
 
 
 # --- the cache key ------------------------------------------------------------------------------------------
@@ -72,6 +72,12 @@ def test_key_does_not_confuse_patch_and_fragment_boundaries(tmp_path: Path) -> N
     a = _inputs(tmp_path, patch_text="ab", fragment_text="c")
     b = _inputs(tmp_path, patch_text="a", fragment_text="bc")
     assert a.key != b.key
+
+
+def test_key_changes_with_the_set_of_patches(tmp_path: Path) -> None:
+    base = _inputs(tmp_path)
+    fewer = load_inputs(tarball=base.tarball, patches=[tmp_path / "p.patch"], fragment=tmp_path / "c.fragment")
+    assert fewer.key != base.key
 
 
 def test_missing_tarball_names_the_apt_package(tmp_path: Path) -> None:
@@ -163,25 +169,43 @@ def test_missing_options_reports_what_kconfig_dropped() -> None:
 # --- the patch against the real source ----------------------------------------------------------------------
 
 
-@needs_source
-def test_patch_applies_to_the_real_header(tmp_path: Path) -> None:
-    member = f"linux-source-6.1/{HEADER}"
-    header = tmp_path / "linux-source-6.1" / HEADER
+PVH_MAKEFILE = "arch/x86/platform/pvh/Makefile"
+
+
+@pytest.fixture(scope="module")
+def real_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files the patches touch, copied from the real linux-source-6.1 tarball (one pass over it)."""
+    if not SOURCE_TARBALL.is_file():
+        pytest.skip(f"{SOURCE_TARBALL} missing (apt-get install linux-source-6.1)")
+    dest = tmp_path_factory.mktemp("src") / "linux-source-6.1"
+    wanted = {f"linux-source-6.1/{HEADER}": HEADER, f"linux-source-6.1/{PVH_MAKEFILE}": PVH_MAKEFILE}
     with tarfile.open(SOURCE_TARBALL) as tar:
-        # extractfile, not extract(filter=...): Debian 12's Python 3.11.2 predates tar filters.
-        src = tar.extractfile(member)
-        assert src is not None
-        header.parent.mkdir(parents=True)
-        header.write_bytes(src.read())
-    before = header.read_text()
+        for member in tar:
+            if member.name in wanted:
+                # extractfile, not extract(filter=...): Debian 12's Python 3.11.2 predates tar filters.
+                src = tar.extractfile(member)
+                assert src is not None
+                out = dest / wanted.pop(member.name)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(src.read())
+                if not wanted:
+                    break
+    assert not wanted, f"not in the tarball: {sorted(wanted)}"
+    return dest
+
+
+def test_every_patch_applies_to_the_real_source(real_source: Path) -> None:
+    before = (real_source / HEADER).read_text()
     assert REFETCH in before  # the source has the fix: the patch has something to revert
-    subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(PATCH_FILE)],
-                   cwd=tmp_path / "linux-source-6.1", check=True, capture_output=True)
-    after = header.read_text()
+    for patch in PATCH_FILES:
+        subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", str(patch)],
+                       cwd=real_source, check=True, capture_output=True)
+    after = (real_source / HEADER).read_text()
     assert REFETCH not in after
     assert "ret = __nf_conntrack_confirm(skb);" in after
     assert "nf_ct_deliver_cached_events(ct);" in after
     assert len(before.splitlines()) - len(after.splitlines()) == 3
+    assert "KASAN_SANITIZE := n" in (real_source / PVH_MAKEFILE).read_text()
 
 
 # --- a real build -------------------------------------------------------------------------------------------
@@ -200,6 +224,7 @@ def test_built_kernel_has_the_revert(built: ReproKernel) -> None:
     text = (built.kdir / HEADER).read_text()
     assert REFETCH not in text
     assert "ret = __nf_conntrack_confirm(skb);" in text
+    assert "KASAN_SANITIZE := n" in (built.kdir / PVH_MAKEFILE).read_text()
 
 
 @pytest.mark.repro

@@ -1,12 +1,12 @@
 """The vulnerable reference kernel: Debian's linux-source-6.1 with the conntrack re-fetch fix reverted.
 
-``ensure_built()`` builds it once (``make defconfig`` + ``repro/config.fragment``, ``repro/revert-refetch.patch``)
-into a cache outside the repository and returns where everything is; ``find_built()`` only looks. The cache
-directory is ``$NQGEN_CACHE/repro-kernel/<key>/`` (``/var/cache/nqgen/repro-kernel/<key>/`` by default), where
-the key hashes the source package version, the patch text and the fragment text. A build runs in
+``ensure_built()`` builds it once (``make defconfig`` + ``repro/config.fragment``, the patches of
+``PATCH_FILES``) into a cache outside the repository and returns where everything is; ``find_built()`` only
+looks. The cache directory is ``$NQGEN_CACHE/repro-kernel/<key>/`` (``/var/cache/nqgen/repro-kernel/<key>/``
+by default), where the key hashes the source package version, the patch texts and the fragment text. A build runs in
 ``<key>.tmp`` and is renamed to ``<key>`` only when complete, so an interrupted build is never taken as done.
 
-Command line (``make repro-kernel``): ``python3 -m nqgen.reprokernel [--jobs N] [--print] [--check]``.
+Command line (``make repro-kernel``): ``python3 -m nqgen.reprokernel [--jobs N] [--print] [--check] [--fresh]``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from .errors import BuildError, InputError
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 REPRO_DIR = Path(__file__).resolve().parents[2] / "repro"
-PATCH_FILE = REPRO_DIR / "revert-refetch.patch"
+PATCH_FILE = REPRO_DIR / "revert-refetch.patch"  # the point of the kernel: the fix reverted
+PVH_PATCH_FILE = REPRO_DIR / "pvh-kasan-boot.patch"  # lets the KASAN kernel boot through its PVH entry
+PATCH_FILES = (PATCH_FILE, PVH_PATCH_FILE)  # applied in this order
 FRAGMENT_FILE = REPRO_DIR / "config.fragment"
 DEFAULT_CACHE = Path("/var/cache/nqgen")
 CACHE_ENV = "NQGEN_CACHE"
@@ -41,8 +43,8 @@ LOG_FILE = "build.log"
 # Bump when the build recipe below changes in a way that changes the result.
 RECIPE = "1"
 # Debian packages the build needs (besides linux-source-6.1 itself).
-BUILD_PACKAGES = ("build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "xz-utils", "kmod",
-                  "patch", "cpio", "rsync")
+BUILD_PACKAGES = ("linux-source-6.1", "build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev",
+                  "xz-utils", "kmod", "patch")
 _TOOLS = {"make": "make", "gcc": "gcc", "patch": "patch", "tar": "tar", "xz": "xz-utils", "bc": "bc",
           "bison": "bison", "flex": "flex", "depmod": "kmod", "perl": "perl"}
 
@@ -72,13 +74,14 @@ class Inputs:
 
     source_id: str  # "linux-source-6.1 6.1.192-2" or the tarball's name, size and mtime
     tarball: Path
-    patch_text: str
+    patches: tuple[tuple[str, str], ...]  # (file name, text), applied in order
     fragment_text: str
 
     @property
     def key(self) -> str:
         h = hashlib.sha256()
-        for part in (RECIPE, self.source_id, self.patch_text, self.fragment_text):
+        parts = [RECIPE, self.source_id, *(p for patch in self.patches for p in patch), self.fragment_text]
+        for part in parts:
             data = part.encode()
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
@@ -123,10 +126,11 @@ def _read(path: Path, what: str) -> str:
         raise InputError(f"cannot read the {what} {path}: {exc.strerror}") from exc
 
 
-def load_inputs(tarball: Path = SOURCE_TARBALL, patch: Path = PATCH_FILE,
+def load_inputs(tarball: Path = SOURCE_TARBALL, patches: Sequence[Path] = PATCH_FILES,
                 fragment: Path = FRAGMENT_FILE) -> Inputs:
     return Inputs(source_id=source_id(tarball), tarball=tarball,
-                  patch_text=_read(patch, "revert patch"), fragment_text=_read(fragment, "config fragment"))
+                  patches=tuple((p.name, _read(p, "kernel patch")) for p in patches),
+                  fragment_text=_read(fragment, "config fragment"))
 
 
 # --- the config fragment -------------------------------------------------------------------------------------
@@ -262,23 +266,76 @@ def _relink(modules_dir: Path) -> None:
     (modules_dir / "build").symlink_to(Path("../../../../build"))
 
 
-def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int) -> str:
-    """Build into ``tmp`` (already empty); returns the kernel release."""
-    log = tmp / LOG_FILE
-    r = _Runner(log, nice)
-    (tmp / "inputs").mkdir()
-    (tmp / "inputs/revert-refetch.patch").write_text(inputs.patch_text)
-    (tmp / "inputs/config.fragment").write_text(inputs.fragment_text)
+def _stored_patches(entry: Path) -> list[tuple[str, str]] | None:
+    """The patches a finished build in ``entry`` applied, in order, or None when they cannot be read back."""
+    try:
+        meta = json.loads((entry / META_FILE).read_text())
+        names = meta.get("patches", ["revert-refetch.patch"])  # recipe 1 builds before the PVH patch
+        return [(str(n), (entry / "inputs" / str(n)).read_text()) for n in names]
+    except (OSError, ValueError, TypeError):
+        return None
 
+
+def _seed(inputs: Inputs, tmp: Path, r: _Runner) -> str | None:
+    """Start from a finished build of the same source (kbuild then rebuilds only what changed).
+
+    Copies its tree and reverts the patches that differ from ours; returns its key, or None when there is no
+    such build or reverting failed (the caller then extracts the source afresh).
+    """
+    root = tmp.parent
+    for entry in sorted(root.iterdir()):
+        if entry.name.endswith(".tmp") or entry.name == inputs.key or not (entry / META_FILE).is_file():
+            continue
+        try:
+            meta = json.loads((entry / META_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        old = _stored_patches(entry)
+        if meta.get("source") != inputs.source_id or meta.get("recipe") != RECIPE or old is None:
+            continue
+        common = 0
+        while common < min(len(old), len(inputs.patches)) and old[common] == inputs.patches[common]:
+            common += 1
+        r.run(["cp", "-a", "--reflink=auto", str(entry / "build"), str(tmp / "build")], root,
+              f"copy the build tree of {entry.name}")
+        try:
+            for name, _ in reversed(old[common:]):
+                r.run(["patch", "-R", "-p1", "--batch"], tmp / "build", f"revert {name}",
+                      stdin=entry / "inputs" / name)
+        except BuildError:
+            shutil.rmtree(tmp / "build")
+            continue
+        for name, _ in inputs.patches[common:]:
+            r.run(["patch", "-p1", "--forward", "--batch"], tmp / "build", f"apply {name}",
+                  stdin=tmp / "inputs" / name)
+        return entry.name
+    return None
+
+
+def _extract(inputs: Inputs, tmp: Path, r: _Runner) -> None:
     r.run(["tar", "-xJf", str(inputs.tarball), "-C", str(tmp)], tmp, "extract source")
     tops = [p for p in tmp.iterdir() if p.is_dir() and p.name.startswith("linux")]
     if len(tops) != 1:
         raise BuildError(f"{inputs.tarball} does not hold exactly one linux* directory")
-    src = tmp / "build"
-    tops[0].rename(src)
+    tops[0].rename(tmp / "build")
+    for name, _ in inputs.patches:
+        r.run(["patch", "-p1", "--forward", "--batch"], tmp / "build", f"apply {name}",
+              stdin=tmp / "inputs" / name)
 
-    r.run(["patch", "-p1", "--forward", "--batch"], src, "apply revert patch",
-          stdin=tmp / "inputs/revert-refetch.patch")
+
+def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int, seed: bool) -> tuple[str, str | None]:
+    """Build into ``tmp`` (already empty); returns the kernel release and the key of the seed build."""
+    log = tmp / LOG_FILE
+    r = _Runner(log, nice)
+    (tmp / "inputs").mkdir()
+    for name, text in inputs.patches:
+        (tmp / "inputs" / name).write_text(text)
+    (tmp / "inputs/config.fragment").write_text(inputs.fragment_text)
+
+    seeded = _seed(inputs, tmp, r) if seed else None
+    if seeded is None:
+        _extract(inputs, tmp, r)
+    src = tmp / "build"
     r.run(["make", "defconfig"], src, "make defconfig")
     config = src / ".config"
     config.write_text(merge_config(config.read_text(), inputs.fragment_text))
@@ -294,7 +351,7 @@ def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int) -> str:
     r.run(["make", f"INSTALL_MOD_PATH={mods}", "DEPMOD=/bin/true", "modules_install"], src, "modules_install")
     r.run(["depmod", "-b", str(mods), release], src, "depmod")
     _relink(mods / "lib/modules" / release)
-    return release
+    return release, seeded
 
 
 def find_built(cache_root: Path | None = None, *, inputs: Inputs | None = None) -> ReproKernel | None:
@@ -307,8 +364,12 @@ def find_built(cache_root: Path | None = None, *, inputs: Inputs | None = None) 
 
 
 def ensure_built(cache_root: Path | None = None, jobs: int = 2, *, inputs: Inputs | None = None,
-                 nice: int = 10) -> ReproKernel:
-    """Return the reference kernel for the current inputs, building it first when it is not in the cache."""
+                 nice: int = 10, seed: bool = True) -> ReproKernel:
+    """Return the reference kernel for the current inputs, building it first when it is not in the cache.
+
+    With ``seed``, a finished build of the same source with other patches or config is copied and rebuilt
+    incrementally instead of building from scratch.
+    """
     if jobs < 1:
         raise BuildError(f"jobs must be at least 1, not {jobs}")
     inputs = inputs or load_inputs()
@@ -331,8 +392,9 @@ def ensure_built(cache_root: Path | None = None, jobs: int = 2, *, inputs: Input
         tmp.mkdir(parents=True)
         _say(f"building the reference kernel {inputs.key} from {inputs.source_id} in {tmp} (log {tmp / LOG_FILE})")
         start = time.monotonic()
-        release = _build(inputs, tmp, jobs, nice)
+        release, seeded = _build(inputs, tmp, jobs, nice, seed)
         meta = {"release": release, "key": inputs.key, "source": inputs.source_id, "recipe": RECIPE,
+                "patches": [name for name, _ in inputs.patches], "seeded_from": seeded,
                 "jobs": jobs, "seconds": round(time.monotonic() - start)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         tmp.rename(final)
@@ -347,14 +409,15 @@ def ensure_built(cache_root: Path | None = None, jobs: int = 2, *, inputs: Input
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=2, show_default=True, help="make -j")
 @click.option("--print", "print_", is_flag=True, help="print the result as KEY=value lines")
 @click.option("--check", is_flag=True, help="do not build; exit 1 when the kernel is not built")
+@click.option("--fresh", is_flag=True, help="build from the source even when a build of it can be reused")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"cache root (default ${CACHE_ENV}/repro-kernel or {DEFAULT_CACHE}/repro-kernel)")
-def main(jobs: int, print_: bool, check: bool, cache: Path | None) -> None:
+def main(jobs: int, print_: bool, check: bool, fresh: bool, cache: Path | None) -> None:
     """Build (once) the vulnerable reference kernel and say where it is."""
     from .errors import NqgenError
 
     try:
-        kernel = find_built(cache) if check else ensure_built(cache, jobs)
+        kernel = find_built(cache) if check else ensure_built(cache, jobs, seed=not fresh)
     except NqgenError as exc:
         click.echo(f"nqgen.reprokernel: {exc}", err=True)
         sys.exit(exc.exit_code)
