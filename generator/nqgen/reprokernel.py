@@ -6,7 +6,7 @@ looks. The cache directory is ``$NQGEN_CACHE/repro-kernel/<key>/`` (``/var/cache
 by default), where the key hashes the source package version, the patch texts and the fragment text. A build runs in
 ``<key>.tmp`` and is renamed to ``<key>`` only when complete, so an interrupted build is never taken as done.
 
-Command line (``make repro-kernel``): ``python3 -m nqgen.reprokernel [--jobs N] [--print] [--check] [--fresh]``.
+Command line (``make repro-kernel``): ``python3 -m nqgen.reprokernel [--jobs N] [--print] [--check]``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ class ReproKernel:
     image: Path  # bzImage
     vmlinux: Path  # ELF, bootable through its PVH entry
     modules_dir: Path  # <cache>/modules/lib/modules/<release>
-    kdir: Path  # the whole build tree, usable as KDIR for out-of-tree modules
+    # The whole build tree, usable as KDIR for out-of-tree modules (`make -C kdir M=...`). It was built in
+    # <key>.tmp and renamed: tools/objtool's dependency files name the old path, so a plain `make` in it
+    # would rebuild objtool and then every object; M= builds do not touch objtool.
+    kdir: Path
     key: str
     root: Path  # <cache>: the directory holding all of the above
 
@@ -266,52 +269,6 @@ def _relink(modules_dir: Path) -> None:
     (modules_dir / "build").symlink_to(Path("../../../../build"))
 
 
-def _stored_patches(entry: Path) -> list[tuple[str, str]] | None:
-    """The patches a finished build in ``entry`` applied, in order, or None when they cannot be read back."""
-    try:
-        meta = json.loads((entry / META_FILE).read_text())
-        names = meta.get("patches", ["revert-refetch.patch"])  # recipe 1 builds before the PVH patch
-        return [(str(n), (entry / "inputs" / str(n)).read_text()) for n in names]
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _seed(inputs: Inputs, tmp: Path, r: _Runner) -> str | None:
-    """Start from a finished build of the same source (kbuild then rebuilds only what changed).
-
-    Copies its tree and reverts the patches that differ from ours; returns its key, or None when there is no
-    such build or reverting failed (the caller then extracts the source afresh).
-    """
-    root = tmp.parent
-    for entry in sorted(root.iterdir()):
-        if entry.name.endswith(".tmp") or entry.name == inputs.key or not (entry / META_FILE).is_file():
-            continue
-        try:
-            meta = json.loads((entry / META_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        old = _stored_patches(entry)
-        if meta.get("source") != inputs.source_id or meta.get("recipe") != RECIPE or old is None:
-            continue
-        common = 0
-        while common < min(len(old), len(inputs.patches)) and old[common] == inputs.patches[common]:
-            common += 1
-        r.run(["cp", "-a", "--reflink=auto", str(entry / "build"), str(tmp / "build")], root,
-              f"copy the build tree of {entry.name}")
-        try:
-            for name, _ in reversed(old[common:]):
-                r.run(["patch", "-R", "-p1", "--batch"], tmp / "build", f"revert {name}",
-                      stdin=entry / "inputs" / name)
-        except BuildError:
-            shutil.rmtree(tmp / "build")
-            continue
-        for name, _ in inputs.patches[common:]:
-            r.run(["patch", "-p1", "--forward", "--batch"], tmp / "build", f"apply {name}",
-                  stdin=tmp / "inputs" / name)
-        return entry.name
-    return None
-
-
 def _extract(inputs: Inputs, tmp: Path, r: _Runner) -> None:
     r.run(["tar", "-xJf", str(inputs.tarball), "-C", str(tmp)], tmp, "extract source")
     tops = [p for p in tmp.iterdir() if p.is_dir() and p.name.startswith("linux")]
@@ -323,8 +280,8 @@ def _extract(inputs: Inputs, tmp: Path, r: _Runner) -> None:
               stdin=tmp / "inputs" / name)
 
 
-def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int, seed: bool) -> tuple[str, str | None]:
-    """Build into ``tmp`` (already empty); returns the kernel release and the key of the seed build."""
+def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int) -> str:
+    """Build into ``tmp`` (already empty); returns the kernel release."""
     log = tmp / LOG_FILE
     r = _Runner(log, nice)
     (tmp / "inputs").mkdir()
@@ -332,9 +289,7 @@ def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int, seed: bool) -> tuple
         (tmp / "inputs" / name).write_text(text)
     (tmp / "inputs/config.fragment").write_text(inputs.fragment_text)
 
-    seeded = _seed(inputs, tmp, r) if seed else None
-    if seeded is None:
-        _extract(inputs, tmp, r)
+    _extract(inputs, tmp, r)
     src = tmp / "build"
     r.run(["make", "defconfig"], src, "make defconfig")
     config = src / ".config"
@@ -351,7 +306,7 @@ def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int, seed: bool) -> tuple
     r.run(["make", f"INSTALL_MOD_PATH={mods}", "DEPMOD=/bin/true", "modules_install"], src, "modules_install")
     r.run(["depmod", "-b", str(mods), release], src, "depmod")
     _relink(mods / "lib/modules" / release)
-    return release, seeded
+    return release
 
 
 def find_built(cache_root: Path | None = None, *, inputs: Inputs | None = None) -> ReproKernel | None:
@@ -364,12 +319,8 @@ def find_built(cache_root: Path | None = None, *, inputs: Inputs | None = None) 
 
 
 def ensure_built(cache_root: Path | None = None, jobs: int = 2, *, inputs: Inputs | None = None,
-                 nice: int = 10, seed: bool = True) -> ReproKernel:
-    """Return the reference kernel for the current inputs, building it first when it is not in the cache.
-
-    With ``seed``, a finished build of the same source with other patches or config is copied and rebuilt
-    incrementally instead of building from scratch.
-    """
+                 nice: int = 10) -> ReproKernel:
+    """Return the reference kernel for the current inputs, building it first when it is not in the cache."""
     if jobs < 1:
         raise BuildError(f"jobs must be at least 1, not {jobs}")
     inputs = inputs or load_inputs()
@@ -392,9 +343,9 @@ def ensure_built(cache_root: Path | None = None, jobs: int = 2, *, inputs: Input
         tmp.mkdir(parents=True)
         _say(f"building the reference kernel {inputs.key} from {inputs.source_id} in {tmp} (log {tmp / LOG_FILE})")
         start = time.monotonic()
-        release, seeded = _build(inputs, tmp, jobs, nice, seed)
+        release = _build(inputs, tmp, jobs, nice)
         meta = {"release": release, "key": inputs.key, "source": inputs.source_id, "recipe": RECIPE,
-                "patches": [name for name, _ in inputs.patches], "seeded_from": seeded,
+                "patches": [name for name, _ in inputs.patches],
                 "jobs": jobs, "seconds": round(time.monotonic() - start)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         tmp.rename(final)
@@ -409,15 +360,14 @@ def ensure_built(cache_root: Path | None = None, jobs: int = 2, *, inputs: Input
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=2, show_default=True, help="make -j")
 @click.option("--print", "print_", is_flag=True, help="print the result as KEY=value lines")
 @click.option("--check", is_flag=True, help="do not build; exit 1 when the kernel is not built")
-@click.option("--fresh", is_flag=True, help="build from the source even when a build of it can be reused")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"cache root (default ${CACHE_ENV}/repro-kernel or {DEFAULT_CACHE}/repro-kernel)")
-def main(jobs: int, print_: bool, check: bool, fresh: bool, cache: Path | None) -> None:
+def main(jobs: int, print_: bool, check: bool, cache: Path | None) -> None:
     """Build (once) the vulnerable reference kernel and say where it is."""
     from .errors import NqgenError
 
     try:
-        kernel = find_built(cache) if check else ensure_built(cache, jobs, seed=not fresh)
+        kernel = find_built(cache) if check else ensure_built(cache, jobs)
     except NqgenError as exc:
         click.echo(f"nqgen.reprokernel: {exc}", err=True)
         sys.exit(exc.exit_code)
