@@ -301,6 +301,14 @@ def test_reports_are_tagged_with_their_phase_and_boot_warnings_do_not_count() ->
     assert run.run_faults == [] and run.verdict != "fault"
 
 
+def test_a_kernel_that_dies_before_init_is_incomplete_not_a_module_fault() -> None:
+    run = RunResult(name="ftrace", kind="mitigation", strategy="ftrace", module="nq_ftrace", nfqueue=False)
+    apply_results(run, "")
+    run.set_faults(find_faults(KASAN_REPORT))
+    assert run.run_faults == [] and run.verdict == "incomplete"
+    assert any("the kernel failed before init (2 report(s), first: BUG: KASAN" in p for p in run.problems)
+
+
 def test_plan_runs_repeats_and_adds_nfqueue_variants() -> None:
     queued = Manifest("advance-confirm", "nq_a", Path("a.ko"), {}, None, (), None, "rmmod", None, 0, 1, (), "")
     direct = Manifest("ftrace", "nq_f", Path("f.ko"), {}, None, (), None, "rmmod", None, None, 0, (), "")

@@ -90,7 +90,7 @@ class Fault:
     text: str
     frames: list[str] = field(default_factory=list)
     time: float | None = None  # kernel timestamp of the report's first line (s since boot)
-    phase: str = "run"  # boot, setup, load, workload, unload, after (see RunResult.set_faults); "run" if unknown
+    phase: str = "run"  # boot (before init: the kernel's own), setup, load, workload, unload, after; "run" if unknown
 
 
 @dataclass
@@ -212,6 +212,9 @@ class RunResult:
         if "unloaded" not in self.uptime:
             names["workload"] = "after"
         for f in faults:
+            if not marks and not self.completed:
+                f.phase = "boot"  # init never reported: the kernel failed on its own before any of ours ran
+                continue
             if f.time is None or not marks:
                 continue
             phase = "boot"
@@ -223,8 +226,8 @@ class RunResult:
 
     @property
     def run_faults(self) -> list[Fault]:
-        """Reports that count: all but WARNINGs the kernel printed before init started."""
-        return [f for f in self.faults if not (f.phase == "boot" and f.kind == "WARNING")]
+        """Reports that count: all but those the kernel printed before init started (its own, not ours)."""
+        return [f for f in self.faults if f.phase != "boot"]
 
     @property
     def problems(self) -> list[str]:
@@ -235,6 +238,9 @@ class RunResult:
             out.append(f"{len(self.run_faults)} kernel report(s), first: {first.title}")
         elif self.taint_faults:
             out.append("kernel tainted " + ", ".join(self.taint_faults))
+        boot = [f for f in self.faults if f.phase == "boot"]
+        if boot and not self.completed:
+            out.append(f"the kernel failed before init ({len(boot)} report(s), first: {boot[0].title})")
         if self.timed_out:
             out.append("timed out")
         elif not self.completed:
@@ -310,7 +316,7 @@ class RunResult:
             "unloaded": None if self.unload is None else self.unload.ok,
             "taint_faults": self.taint_faults,
             "fault_count": len(self.run_faults),
-            "boot_warnings": [f.title for f in self.faults if f.phase == "boot" and f.kind == "WARNING"],
+            "boot_reports": dict(Counter(f.title for f in self.faults if f.phase == "boot").most_common(5)),
             "faults_by_phase": dict(Counter(f.phase for f in self.run_faults)),
             "fault_kinds": sorted({f.kind for f in self.faults}),
             "fault_titles": dict(Counter(f.title for f in self.faults).most_common(5)),
