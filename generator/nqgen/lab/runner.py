@@ -72,9 +72,10 @@ class LabRun:
 
 
 def _fails_lab(r: RunResult) -> bool:
+    """Any problem of a mitigation; a baseline only when it could not run (its own crash is the bug's proof)."""
     if r.kind == "mitigation":
         return bool(r.problems)
-    return r.verdict == "incomplete" and not r.faults
+    return r.verdict == "incomplete" and not r.run_faults
 
 
 def plan_runs(
