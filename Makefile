@@ -30,6 +30,7 @@ demo: deps
 	$(NQGEN) --strategy all --kdir /lib/modules/$$krel/build --out $(OUT) && \
 	$(MAKE) -C $(OUT) NQGEN="$(abspath $(NQGEN))" && \
 	$(NQGEN) lab --out $(OUT) $(LAB_ARGS)
+	@echo "comparison: $(OUT)/COMPARISON.md (and comparison.json), chart: $(OUT)/lab.png"
 
 lint: deps
 	$(VENV)/bin/ruff check generator tests
