@@ -40,7 +40,7 @@ unit: deps
 	$(PY) -m pytest -q -m 'not vm and not repro' tests
 
 test: deps lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: deps
 	$(PY) -m pytest -q benchmarks --benchmark-only
