@@ -9,7 +9,6 @@
  * inside the unfixed confirm: the case the bug crashes on); early_drops:
  * that confirm did not accept; queued: packets sent to NFQUEUE.
  */
-{%- set counters = ["early_confirms", "clashes", "early_drops", "queued"] %}
 {%- else %}
  * confirm_calls: corrected confirm runs; clashes: the skb's entry changed
  * across __nf_conntrack_confirm() (the case the bug crashes on);
@@ -19,8 +18,9 @@
  * confirm (helper, sequence adjustment, VRF, no entry); queued: packets
  * sent to NFQUEUE.
  */
-{%- set counters = ["confirm_calls", "clashes", "events_delivered", "confirm_drops", "early_confirms", "skipped", "queued"] %}
 {%- endif %}
+{%- from "counters.jinja" import counters with context %}
+{%- from "counters.jinja" import counters with context %}
 #ifndef NQ_COUNTERS_H
 #define NQ_COUNTERS_H
 

@@ -9,7 +9,7 @@
  * __nf_conntrack_confirm() did not accept; redirects: calls of the
  * original function sent to the corrected copy.
  */
-{%- set counters = ["confirm_calls", "clashes", "events_delivered", "confirm_drops", "redirects"] %}
+{%- from "counters.jinja" import counters with context %}
 #ifndef NQ_COUNTERS_H
 #define NQ_COUNTERS_H
 

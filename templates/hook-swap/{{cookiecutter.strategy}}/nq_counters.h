@@ -10,7 +10,7 @@
  * the corrected copy (a slot registered again counts again); rescans:
  * scans of the hook tables.
  */
-{%- set counters = ["confirm_calls", "clashes", "events_delivered", "confirm_drops", "swapped", "rescans"] %}
+{%- from "counters.jinja" import counters with context %}
 #ifndef NQ_COUNTERS_H
 #define NQ_COUNTERS_H
 

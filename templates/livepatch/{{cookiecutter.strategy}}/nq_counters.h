@@ -8,7 +8,7 @@
  * events_delivered: nf_ct_deliver_cached_events() calls; confirm_drops:
  * __nf_conntrack_confirm() did not accept.
  */
-{%- set counters = ["confirm_calls", "clashes", "events_delivered", "confirm_drops"] %}
+{%- from "counters.jinja" import counters with context %}
 #ifndef NQ_COUNTERS_H
 #define NQ_COUNTERS_H
 

@@ -11,14 +11,13 @@
  * stops: packets confirmed here and returned NF_STOP (the kernel's confirm
  * hook did not run).
  */
-{%- set counters = ["confirm_calls", "clashes", "events_delivered", "confirm_drops", "stops"] %}
 {%- else %}
  * preconfirms: packets confirmed here before the kernel's confirm hook;
  * skipped: packets left to the kernel's confirm (helper, sequence
  * adjustment, VRF, no entry).
  */
-{%- set counters = ["confirm_calls", "clashes", "events_delivered", "confirm_drops", "preconfirms", "skipped"] %}
 {%- endif %}
+{%- from "counters.jinja" import counters with context %}
 #ifndef NQ_COUNTERS_H
 #define NQ_COUNTERS_H
 
