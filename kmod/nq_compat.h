@@ -18,6 +18,18 @@
 #include <linux/netfilter_ipv6.h>
 #include <net/netfilter/nf_conntrack.h>
 #include <net/netfilter/nf_conntrack_core.h>
+{%- if cookiecutter.target.hookfn_form == "okfn" %}
+
+/*
+ * READ_ONCE() and WRITE_ONCE() came with upstream 3.19; the early RHEL 7
+ * trees of this hook form may predate their backport (ACCESS_ONCE() is
+ * there in every 3.10).
+ */
+#ifndef READ_ONCE
+#define READ_ONCE(x) ACCESS_ONCE(x)
+#define WRITE_ONCE(x, val) (ACCESS_ONCE(x) = (val))
+#endif
+{%- endif %}
 
 /* The conntrack entry attached to @skb, or NULL. */
 static inline struct nf_conn *nq_skb_ct(const struct sk_buff *skb)

@@ -44,7 +44,13 @@ static void notrace nq_ftrace_thunk(unsigned long ip, unsigned long parent_ip,
 	int i;
 
 	/* never redirect a call made by this module itself */
+{%- if cookiecutter.target.registration == "global" %}
+	/* (this 3.10 kernel has no within_module(), only its two halves) */
+	if (within_module_core(parent_ip, THIS_MODULE) ||
+	    within_module_init(parent_ip, THIS_MODULE))
+{%- else %}
 	if (within_module(parent_ip, THIS_MODULE))
+{%- endif %}
 		return;
 	for (i = 0; i < NQ_NTARGETS; i++) {
 		/*
@@ -64,11 +70,27 @@ static void notrace nq_ftrace_thunk(unsigned long ip, unsigned long parent_ip,
 	}
 }
 
+{%- if cookiecutter.target.livepatch_api == "none" %}
+
+/*
+ * No FTRACE_OPS_FL_IPMODIFY: it came with upstream 3.19, before livepatch,
+ * and this kernel has no livepatch API (the early RHEL 7 ftrace.h has no
+ * such flag). Changing regs->ip works without it; only the kernel's check
+ * that no other ftrace user modifies the same function is missing.
+ */
+static struct ftrace_ops nq_ftrace_ops __read_mostly = {
+	.func = nq_ftrace_thunk,
+	.flags = FTRACE_OPS_FL_SAVE_REGS |
+		 FTRACE_OPS_FL_{{ cookiecutter.target.ftrace_recursion_flag }},
+};
+{%- else %}
+
 static struct ftrace_ops nq_ftrace_ops __read_mostly = {
 	.func = nq_ftrace_thunk,
 	.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY |
 		 FTRACE_OPS_FL_{{ cookiecutter.target.ftrace_recursion_flag }},
 };
+{%- endif %}
 
 /* The i-th target is filtered unless an earlier one has the same address. */
 static bool nq_first_of_addr(int i)
