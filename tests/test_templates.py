@@ -387,6 +387,10 @@ def unexplained_calls(generation: str, sdir: Path) -> dict[str, str]:
     declared = header_declared(kdir)
     own = defined_here(text)
     bad = {}
+    # an anchor's address is taken, not called: it must be exported (and so declared) by this generation
+    for name in sorted(set(re.findall(r"\(unsigned long\)&(\w+)\b(?!\s*\[)", code_of(text))) - own):
+        if name not in exports:
+            bad[name] = "address taken, but not exported by this generation's Module.symvers"
     for name in sorted(called(text) - own):
         if name in EXPORTS_CHECKED:
             if name not in exports:
