@@ -82,7 +82,41 @@ static bool nq_target_check(const struct nq_target *t, unsigned long addr)
 	return true;
 }
 
-{%- if cookiecutter.target.resolve == "kallsyms" %}
+{%- set in_nf_conntrack = cookiecutter.target.families | map(attribute="module") | reject("equalto", "nf_conntrack") | list | length == 0 %}
+{%- if cookiecutter.target.resolve == "kallsyms" and in_nf_conntrack %}
+
+/*
+ * A looked-up address does not pin its module; a module dependency does.
+ * Every target lives in nf_conntrack, which exports __nf_conntrack_confirm:
+ * referring to it here makes nf_conntrack a dependency of this module, so
+ * it cannot be unloaded first. (__module_address() + try_module_get() would
+ * also do, but some 4.19.y and 5.4.y stable kernels no longer export
+ * __module_address.) The check below makes sure the reference and the
+ * target are in the same module.
+ */
+static int nq_pin_owner(int i, unsigned long addr)
+{
+	unsigned long pin = (unsigned long)&__nf_conntrack_confirm;
+	char sym[KSYM_SYMBOL_LEN];
+	char mod[MODULE_NAME_LEN + 4];
+	size_t len;
+
+	sprint_symbol(sym, pin);
+	snprintf(mod, sizeof(mod), " [%s]", nq_targets[i].module);
+	len = strlen(sym);
+	if (len < strlen(mod) || strcmp(sym + len - strlen(mod), mod)) {
+		pr_err("%s: __nf_conntrack_confirm is \"%s\", not in [%s]\n",
+		       nq_targets[i].family, sym, nq_targets[i].module);
+		return -ENOENT;
+	}
+	return 0;
+}
+
+void nq_release_targets(void)
+{
+	/* the dependency on nf_conntrack ends with this module */
+}
+{%- elif cookiecutter.target.resolve == "kallsyms" %}
 
 /*
  * A looked-up address does not pin its module (a symbol reference would):

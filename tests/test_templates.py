@@ -132,10 +132,10 @@ KERNEL_API: dict[str, tuple[frozenset[str], str]] = {
     "within_module_core": (ALL, "include/linux/module.h: RHEL 7 halfline/rhel7@48f1a4d9, upstream to 6.12"),
     "within_module_init": (ALL, "as within_module_core"),
     "__module_address": (
-        ALL - {"5.15", "6.6", "6.12"},
-        "declared in RHEL 7 halfline/rhel7@48f1a4d9 include/linux/module.h; EXPORT_SYMBOL_GPL until upstream "
-        "5.12 (unexported by 'module: unexport __module_address'); the templates use it only where "
-        "kallsyms_lookup_name is exported (< 5.7)",
+        RHEL7,
+        "declared in RHEL 7 halfline/rhel7@48f1a4d9 include/linux/module.h and EXPORT_SYMBOL_GPL in 3.x "
+        "kernel/module.c; unexported upstream in 5.12 (34e64705ad41) and by that commit's stable backports "
+        "(4.19.y, 5.4.y stable-review mails), so only the RHEL 7 branch (targets in nf_conntrack_ipv4) uses it",
     ),
     "down_read": (PERNET, "rwsem API since 2.6; used on net_rwsem, which came with upstream 4.17 (4.18 in RHEL 8)"),
     "up_read": (PERNET, "as down_read"),
