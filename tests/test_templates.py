@@ -177,14 +177,6 @@ EXPORTS_CHECKED = frozenset(
 
 # Known gaps, each with the reason; a (generation, strategy, name) listed here is expected to fail the checks.
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {
-    **{
-        ("rhel7-early", s, "nf_ct_seq_adjust"): (
-            "the rhel7-early fixture Module.symvers omits nf_ct_seq_adjust, but the okfn-form RHEL 7 ipv4_confirm "
-            "calls it (halfline/rhel7@90bf3f93 nf_conntrack_l3proto_ipv4.c): the fixture, or a strategies.py rule "
-            "(every strategy linking nq_confirm.o needs nf_ct_seq_adjust), must change"
-        )
-        for s in ("ftrace", "hook-swap")
-    },
     ("rhel7-early", "advance-confirm", "skb_get_hash"): (
         "skb_get_hash (upstream 3.14) not confirmed in an okfn-form RHEL 7 tree"
     ),

@@ -32,6 +32,9 @@ class Strategy:
 
 
 CONFIRM_EXPORTS = ("__nf_conntrack_confirm", "nf_ct_deliver_cached_events")
+# The corrected confirm re-implements the kernel's sequence adjustment with nf_ct_seq_adjust(); kernels without
+# it (early RHEL 7, still on the nf_ct_nat_offset API) cannot get a faithful copy.
+CORRECTED_EXPORTS = (*CONFIRM_EXPORTS, "nf_ct_seq_adjust")
 
 
 def _missing_exports(profile: KernelProfile, names: tuple[str, ...]) -> list[str]:
@@ -95,7 +98,7 @@ def _check_advance(profile: KernelProfile) -> Feasibility:
 
 
 def _check_advance_corrected(profile: KernelProfile) -> Feasibility:
-    blocked = _base_check(profile, ("nf_ct_seq_adjust",))
+    blocked = _base_check(profile, CORRECTED_EXPORTS)
     if blocked:
         return blocked
     return Feasibility(
@@ -107,7 +110,9 @@ def _check_advance_corrected(profile: KernelProfile) -> Feasibility:
 
 
 def _check_ftrace(profile: KernelProfile) -> Feasibility:
-    blocked = _base_check(profile, ("register_ftrace_function", "ftrace_set_filter_ip", "unregister_ftrace_function"))
+    blocked = _base_check(
+        profile, (*CORRECTED_EXPORTS, "register_ftrace_function", "ftrace_set_filter_ip", "unregister_ftrace_function")
+    )
     if blocked:
         return blocked
     cfg = profile.config
@@ -124,7 +129,7 @@ def _check_ftrace(profile: KernelProfile) -> Feasibility:
 
 def _check_hook_swap(profile: KernelProfile) -> Feasibility:
     extra: tuple[str, ...] = ("nf_hooks",) if profile.features.hook_storage == "list" else ()
-    blocked = _base_check(profile, extra)
+    blocked = _base_check(profile, (*CORRECTED_EXPORTS, *extra))
     if blocked:
         return blocked
     families = _families(profile)
@@ -137,7 +142,7 @@ def _check_hook_swap(profile: KernelProfile) -> Feasibility:
 
 def _check_stop_hook(profile: KernelProfile) -> Feasibility:
     reg = "nf_register_net_hooks" if profile.features.registration == "pernet" else "nf_register_hooks"
-    blocked = _base_check(profile, (reg, "nf_ct_seq_adjust"))
+    blocked = _base_check(profile, (*CORRECTED_EXPORTS, reg))
     if blocked:
         return blocked
     notes: tuple[str, ...] = ()
@@ -156,7 +161,7 @@ def _check_livepatch(profile: KernelProfile) -> Feasibility:
         return Feasibility(False, "CONFIG_LIVEPATCH is not set")
     if f.livepatch_api == "none":
         return Feasibility(False, "the kernel has no livepatch API (include/linux/livepatch.h)")
-    needed: tuple[str, ...] = ("klp_enable_patch",)
+    needed: tuple[str, ...] = (*CORRECTED_EXPORTS, "klp_enable_patch")
     if f.livepatch_api == "register_enable":
         needed += ("klp_register_patch", "klp_unregister_patch", "klp_disable_patch")
     blocked = _base_check(profile, needed)
