@@ -40,6 +40,7 @@ class ConfigSummary:
     boots: int = 0
     boots_with_reports: int = 0
     reports: int = 0
+    per_boot_reports: list[int] = field(default_factory=list)
     flows: int = 0
     clashres: list[int] = field(default_factory=list)
     corrected: list[int] = field(default_factory=list)
@@ -52,14 +53,20 @@ class ConfigSummary:
     def reports_per_10k(self) -> float:
         return 10000.0 * self.reports / self.flows if self.flows else math.nan
 
-    def clashes_per_10k(self) -> tuple[float, float]:
-        """Mean and sample standard deviation, per boot, of clash resolutions per 10 000 flows."""
-        if not self.clashres or not self.flows:
+    def _per_10k(self, counts: list[int]) -> tuple[float, float]:
+        """Mean and sample standard deviation over boots of ``counts`` per 10 000 flows."""
+        if not counts or not self.flows:
             return (math.nan, math.nan)
         per_boot_flows = self.flows / self.boots
-        rates = [10000.0 * c / per_boot_flows for c in self.clashres]
+        rates = [10000.0 * c / per_boot_flows for c in counts]
         sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
         return (statistics.fmean(rates), sd)
+
+    def clashes_per_10k(self) -> tuple[float, float]:
+        return self._per_10k(self.clashres)
+
+    def reports_per_10k_spread(self) -> tuple[float, float]:
+        return self._per_10k(self.per_boot_reports)
 
 
 def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
@@ -72,6 +79,7 @@ def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
         s.flows += flows_per_boot
         kasan = [f for f in run["faults"] if f["kind"] in ("KASAN", "BUG", "Oops", "WARNING", "panic")]
         s.reports += len(kasan)
+        s.per_boot_reports.append(len(kasan))
         if kasan:
             s.boots_with_reports += 1
             if not s.first_report:
@@ -109,6 +117,11 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "-" if math.isnan(x) else f"{x:.{digits}f}"
 
 
+def _machine(lab: dict[str, Any]) -> str:
+    m = lab.get("machine", {})
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('qemu', 'qemu')}"
+
+
 def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list[str]) -> str:
     w = lab["workload"]
     k = lab["kernel"]
@@ -116,21 +129,22 @@ def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list
         "## Reproduction on the vulnerable reference kernel",
         "",
         f"Kernel `{k['release']}` (Debian linux-source-6.1 with the re-fetch fix reverted, KASAN), qemu TCG,"
-        f" {lab['vm'].get('smp', 2)} vCPUs; {lab['date']}; {lab['machine'].get('host', '')}.",
+        f" {lab['vm'].get('smp', 2)} vCPUs, {lab['vm'].get('memory', '?')}; {lab['date']}; host: {_machine(lab)}.",
         f"Workload per boot: {w['rounds']} flows per family ({', '.join(w['families'])}), {w['threads']} racing"
         f" senders each, ctnetlink listener subscribed; NFQUEUE consumers hold packets {w['queue_delay_us']} us."
         f" Boots per configuration: {lab['repeat']}.",
         "",
-        "| configuration | NFQUEUE | boots | boots with a report | reports per 10k flows | clashes per 10k flows"
-        " (mean ± sd) | corrected confirms | lost | first report |",
+        "| configuration | NFQUEUE | boots | boots with a report | reports per 10k flows (mean ± sd) |"
+        " clashes per 10k flows (mean ± sd) | corrected confirms | lost | first report |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         mean, sd = s.clashes_per_10k()
+        rmean, rsd = s.reports_per_10k_spread()
         corrected = "-" if not s.corrected else f"{statistics.fmean(s.corrected):.0f}/boot"
         lines.append(
             f"| {s.strategy or 'no mitigation'} | {'yes' if s.nfqueue else 'no'} | {s.boots} | {s.boots_with_reports}"
-            f" | {_fmt(s.reports_per_10k)} | {_fmt(mean)} ± {_fmt(sd)} | {corrected} | {s.lost}"
+            f" | {_fmt(rmean)} ± {_fmt(rsd)} | {_fmt(mean)} ± {_fmt(sd)} | {corrected} | {s.lost}"
             f" | {s.first_report.replace('|', '/') or 'none'} |"
         )
     lines.append("")
