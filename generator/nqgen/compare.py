@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .lab import report
 from .profile import KernelProfile
 from .strategies import STRATEGIES, Feasibility
 
@@ -73,11 +74,7 @@ def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None) -> str:
         ]
     lines.append(f"Confirm generation: {data['generation']}.")
     lines.append("")
-    measured: dict[str, dict[str, str]] = {}
-    if lab is not None:
-        from .lab import report
-
-        measured = report.measured_columns(lab)
+    measured = report.measured_columns(lab) if lab is not None else {}
     mcols: list[str] = []
     for cols in measured.values():
         for c in cols:
@@ -105,8 +102,6 @@ def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None) -> str:
         lines += [f"  - {r}" for r in row["risks"]]
         lines.append("")
     if lab is not None:
-        from .lab import report
-
         lines.append(report.measured_markdown(lab))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -117,8 +112,6 @@ def refresh(out: Path) -> None:
     lab_path = out / LAB_JSON
     lab = json.loads(lab_path.read_text()) if lab_path.is_file() else None
     if lab is not None:
-        from .lab import report
-
         data["measured"] = report.measured_columns(lab)
         (out / COMPARISON_JSON).write_text(json.dumps(data, indent=2) + "\n")
     (out / COMPARISON_MD).write_text(render_markdown(data, lab))
