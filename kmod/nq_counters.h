@@ -1,15 +1,19 @@
+{% from "counters.jinja" import counters, counter_help with context -%}
 /* SPDX-License-Identifier: GPL-2.0 */
+{%- set common_help = {
+	"confirm_calls": "corrected confirm runs",
+	"clashes": "the skb's entry changed across __nf_conntrack_confirm()\n *\t(the case the bug crashes on)",
+	"events_delivered": "nf_ct_deliver_cached_events() calls",
+	"confirm_drops": "__nf_conntrack_confirm() did not accept",
+} %}
 /*
  * {{ cookiecutter.module_name }}: the counters in /sys/kernel/{{ cookiecutter.module_name }}/
  * (the same list as "counters" in nqgen-module.json).
  *
- * confirm_calls: corrected confirm runs; clashes: the skb's entry changed
- * across __nf_conntrack_confirm() (the case the bug crashes on);
- * events_delivered: nf_ct_deliver_cached_events() calls; confirm_drops:
- * __nf_conntrack_confirm() did not accept; redirects: calls of the
- * original function sent to the corrected copy.
+{%- for c in counters %}
+ * {{ c }}: {{ counter_help.get(c) or common_help[c] }}
+{%- endfor %}
  */
-{%- from "counters.jinja" import counters with context %}
 #ifndef NQ_COUNTERS_H
 #define NQ_COUNTERS_H
 

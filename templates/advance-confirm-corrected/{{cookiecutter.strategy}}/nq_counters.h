@@ -1,1 +1,0 @@
-../../advance-confirm/{{cookiecutter.strategy}}/nq_counters.h
