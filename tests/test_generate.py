@@ -32,6 +32,11 @@ def test_all_strategies_generated_on_debian(built_out: tuple[Path, str]) -> None
         assert manifest["strategy"] == name
         assert (out / name / manifest["ko"]).is_file()
     assert (out / "COMPARISON.md").is_file()
+    # only the shared C a strategy links is in its tree
+    assert not (out / "advance-confirm" / "nq_confirm.c").exists()  # it calls the kernel's own confirm
+    assert (out / "advance-confirm-corrected" / "nq_confirm.c").is_file()
+    assert not (out / "ftrace" / "nq_hooks.c").exists()  # it registers no netfilter hook
+    assert not (out / "livepatch" / "nq_resolve.c").exists()  # livepatch resolves the symbols itself
     comparison = json.loads((out / "comparison.json").read_text())
     assert [row["strategy"] for row in comparison["strategies"]] == list(NAMES)
     inputs = json.loads((out / "inputs.json").read_text())

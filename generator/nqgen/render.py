@@ -9,6 +9,7 @@ never leaves a half-written output behind.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -67,10 +68,43 @@ def render_strategy(strategy: str, context: dict[str, Any], dest_parent: Path) -
         module_dirs = [p for p in staged.iterdir() if p.is_dir() and p.name.startswith("{{")]
         if len(module_dirs) != 1:
             raise BuildError(f"template {strategy} must hold exactly one '{{{{cookiecutter...}}}}' directory")
+        shared = set()
         for src in sorted(kmod_dir().iterdir()):
             if src.is_file():
                 shutil.copy2(src, module_dirs[0] / src.name)
-        return _cookiecutter(staged, dest_parent, context)
+                shared.add(src.name)
+        produced = _cookiecutter(staged, dest_parent, context)
+    prune_unused_shared(produced, shared)
+    return produced
+
+
+_OBJ = re.compile(r"([\w-]+)\.o\b")
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def prune_unused_shared(module_dir: Path, shared: set[str]) -> None:
+    """Drop the shared kmod files a strategy does not build: .c files its Kbuild does not link, headers no
+    remaining source includes (transitively), so the tree holds only the C that goes into the module."""
+    kbuild = module_dir / "Kbuild"
+    if not kbuild.is_file():
+        raise BuildError(f"{module_dir.name}: the template rendered no Kbuild")
+    linked = set(_OBJ.findall(kbuild.read_text()))
+    for name in shared:
+        path = module_dir / name
+        if path.suffix == ".c" and path.stem not in linked:
+            path.unlink()
+    needed: set[str] = set()
+    todo = [p for p in module_dir.iterdir() if p.suffix == ".c"]
+    while todo:
+        src = todo.pop()
+        for inc in _INCLUDE.findall(src.read_text()):
+            if inc not in needed and (module_dir / inc).is_file():
+                needed.add(inc)
+                todo.append(module_dir / inc)
+    for name in shared:
+        path = module_dir / name
+        if path.suffix == ".h" and name not in needed:
+            path.unlink()
 
 
 def render_out_makefile(context: dict[str, Any], dest: Path) -> None:
