@@ -18,6 +18,12 @@ def module_name(strategy: str) -> str:
     return "nq_" + strategy.replace("-", "_")
 
 
+def resolve_method(profile: KernelProfile) -> str:
+    """How a generated module finds a non-exported confirm function: kallsyms_lookup_name where the kernel
+    exports it (robust to section layout), else an exported anchor in the same section plus the delta."""
+    return "kallsyms" if profile.features.kallsyms_lookup_name_exported else "anchor"
+
+
 def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
     """The ``target`` dict of the cookiecutter context for one kernel profile."""
     f = profile.features
@@ -64,7 +70,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         "fix_present": f.fix_present,
         "kallsyms_lookup_name_exported": f.kallsyms_lookup_name_exported,
         "nf_confirm_exported": f.nf_confirm_exported,
-        "resolve": "kallsyms" if f.kallsyms_lookup_name_exported else "anchor",
+        "resolve": resolve_method(profile),
         "confirm_module": ipv4.module if ipv4 else profile.module.name,
         "families": families,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .context import resolve_method
 from .profile import KernelProfile
 
 
@@ -51,11 +52,10 @@ def _resolvable(profile: KernelProfile, family: str) -> str | None:
         return None
     if target.exported:
         return "exported"
-    if target.anchor is not None:
-        return "anchor"
-    if profile.features.kallsyms_lookup_name_exported:
-        return "kallsyms"
-    return None
+    method = resolve_method(profile)  # what the generated module will do
+    if method == "anchor" and target.anchor is None:
+        return None
+    return method
 
 
 def _families(profile: KernelProfile) -> tuple[str, ...]:

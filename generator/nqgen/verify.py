@@ -30,10 +30,6 @@ class KoCheck:
     vermagic_ok: bool
     params: tuple[str, ...]
 
-    @property
-    def ok(self) -> bool:
-        return self.vermagic_ok and not self.unexported
-
 
 def _modinfo(elf: ELFFile) -> list[tuple[str, str]]:
     sec = elf.get_section_by_name(".modinfo")
