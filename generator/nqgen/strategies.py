@@ -128,6 +128,12 @@ def _check_ftrace(profile: KernelProfile) -> Feasibility:
 
 
 def _check_hook_swap(profile: KernelProfile) -> Feasibility:
+    if profile.features.hook_storage == "pf_entries":
+        return Feasibility(
+            False,
+            "hook tables are net->nf.hooks[pf][hooknum] (4.9-4.15): the generated C reads net->nf.hooks_ipv4[] "
+            "(4.16+) and copied nf_hook_entry lists are not handled",
+        )
     extra: tuple[str, ...] = ("nf_hooks",) if profile.features.hook_storage == "list" else ()
     blocked = _base_check(profile, (*CORRECTED_EXPORTS, *extra))
     if blocked:

@@ -22,12 +22,21 @@ from typing import Any, Literal
 
 from ..errors import InputError
 from . import build
-from .guest import _PRELUDE, EXIT_DEP_FAILED, EXIT_DONE, EXIT_HELPER_FAILED, HEALTH_DPORT, RESULT_TTY, SPORT_BASE
-from .guest import GuestModule, _q
+from .guest import (
+    _PRELUDE,
+    EXIT_DEP_FAILED,
+    EXIT_DONE,
+    EXIT_HELPER_FAILED,
+    HEALTH_DPORT,
+    RESULT_TTY,
+    SPORT_BASE,
+    GuestModule,
+    _q,
+)
 from .manifest import Manifest
 from .qemu import QemuConfig, boot
 from .results import Fault, find_faults
-from .runner import HELPER_GUEST_PATH, LabConfig, RunSpec, _check_vermagic, _Guest, _plan
+from .runner import LabConfig, RunSpec, _check_vermagic, _Guest, _plan
 
 Kind = Literal["race", "window"]
 HELPER = "nqlab_hookrace"
@@ -125,15 +134,19 @@ class ScenarioResult:
 def render_init(sc: Scenario, deps: tuple[GuestModule, ...], helper: GuestModule, mitigation: GuestModule) -> str:
     """The /init of one scenario boot (the lab's prelude: load, log, emit, traffic, finish)."""
     m = _q(mitigation.name)
-    params = " ".join(_q(p) for p in sc.params)
+    params = " ".join(_q(p) for p in mitigation.params)
     lines = [_PRELUDE.replace("__TTY__", RESULT_TTY)]
     lines += ["FAMILIES=4", "DRAIN=500", f"P={PARAMS}", "ip link set lo up"]
-    lines.append(f'emit "{{\\"type\\":\\"boot\\",\\"run\\":\\"hook-swap-{sc.kind}\\",\\"release\\":\\"$(uname -r)\\"}}"')
+    lines.append(
+        f'emit "{{\\"type\\":\\"boot\\",\\"run\\":\\"hook-swap-{sc.kind}\\",\\"release\\":\\"$(uname -r)\\"}}"'
+    )
     for mod in deps:
         cmd = f"load dep {_q(mod.name)} {_q(mod.path)} {'true' if mod.optional else 'false'}"
         lines.append(cmd if mod.optional else f"{cmd} || finish {EXIT_DEP_FAILED}")
     helper_params = " ".join(_q(p) for p in helper.params)
-    lines.append(f"load helper {_q(helper.name)} {_q(helper.path)} false {helper_params} || finish {EXIT_HELPER_FAILED}")
+    lines.append(
+        f"load helper {_q(helper.name)} {_q(helper.path)} false {helper_params} || finish {EXIT_HELPER_FAILED}"
+    )
     lines.append(
         f"load helper {HELPER} {HELPER_GUEST} false delay_ms={sc.delay_ms} || finish {EXIT_HELPER_FAILED}"
     )
@@ -213,7 +226,6 @@ def run_scenario(config: LabConfig, manifest: Manifest, sc: Scenario, work_dir: 
         init = render_init(sc, plan.deps, plan.helper, mitigation)
         initrd = work / "initrd.cpio"
         initrd.write_bytes(guest.initramfs(plan, deps, manifest, init=init, extra={HELPER_GUEST: race_ko}))
-        assert plan.helper.path == HELPER_GUEST_PATH
         outcome = boot(
             QemuConfig(
                 kernel=config.kernel.boot_path,
