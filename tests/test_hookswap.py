@@ -86,12 +86,13 @@ def test_scenario_init_scripts_are_valid_shell() -> None:
     deps = (GuestModule("nf_conntrack", "/lib/modules/r/nf_conntrack.ko", "dep"),)
     helper = GuestModule("nqlab_ct", "/nqlab/nqlab_ct.ko", "helper", ("queue=-1",))
     mit = GuestModule("nq_hook_swap", "/nqlab/nq_hook_swap.ko", "mitigation", ("interval_ms=200",))
-    kinds: tuple[Kind, ...] = ("race", "window")
+    kinds: tuple[Kind, ...] = ("race", "window", "unmatched")
     for kind in kinds:
         text = render_init(Scenario(kind=kind), deps, helper, mit)
         proc = subprocess.run(["sh", "-n"], input=text, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
         assert "interval_ms=200" in text and "nqlab_hookrace" in text
+        assert ("load helper nqlab_ct" in text) == (kind != "unmatched")
 
 
 # ---- real boots ----------------------------------------------------------------------------------
@@ -136,3 +137,13 @@ def test_a_new_conntrack_registration_never_runs_the_original_confirm(built: tup
     d = result.to_dict()
     assert not result.problems, d
     assert result.windows_us == [0, 0, 0, 0], d
+
+
+@pytest.mark.vm
+def test_a_load_that_recognises_no_confirm_slot_warns_and_counts(built: tuple[Path, LabConfig]) -> None:
+    out, cfg = built
+    (manifest,) = discover(out, ("hook-swap",))
+    result = run_scenario(cfg, manifest, Scenario(kind="unmatched"))
+    d = result.to_dict()
+    assert not result.problems, d
+    assert result.unmatched >= 1 and result.warned, d

@@ -18,6 +18,9 @@
  * window_us how long its IPv4 POST_ROUTING confirm slot still calls the function its ops
  * registered (the original confirm) after the registration returned: 0 when it was already
  * swapped, -1 when it still was not after limit_ms.
+ *
+ * fake_confirm=1 (at load) registers a no-op hook at conntrack's confirm priority in init_net: what
+ * a kernel whose confirm slots hold addresses hook-swap cannot recognise (CFI jump tables) shows.
  */
 #include <linux/delay.h>
 #include <linux/err.h>
@@ -69,6 +72,10 @@ static long window_us = -2;
 module_param(window_us, long, 0444);
 MODULE_PARM_DESC(window_us, "measure: us the new confirm slot still ran the original (-1: until limit_ms)");
 
+static bool fake_confirm;
+module_param(fake_confirm, bool, 0444);
+MODULE_PARM_DESC(fake_confirm, "register a no-op hook at the confirm priority in init_net");
+
 static struct task_struct *nqlab_reg_task;
 static struct task_struct *nqlab_hog_task;
 static DECLARE_WAIT_QUEUE_HEAD(nqlab_hog_wq);
@@ -89,9 +96,24 @@ static const struct nf_hook_ops nqlab_noop_ops = {
 	.priority = 0,
 };
 
+static unsigned int nqlab_fake(void *priv, struct sk_buff *skb,
+			       const struct nf_hook_state *state)
+{
+	return NF_ACCEPT;
+}
+
+static const struct nf_hook_ops nqlab_fake_ops = {
+	.hook = nqlab_fake,
+	.pf = NFPROTO_IPV4,
+	.hooknum = NF_INET_POST_ROUTING,
+	.priority = NF_IP_PRI_CONNTRACK_CONFIRM,
+};
+
 static int nqlab_grow_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
-	if (current != READ_ONCE(nqlab_reg_task) || IS_ERR_OR_NULL((void *)regs_return_value(regs)))
+	void *e = (void *)regs_return_value(regs);
+
+	if (current != READ_ONCE(nqlab_reg_task) || IS_ERR_OR_NULL(e))
 		return 0;
 	held++;
 	atomic_set(&nqlab_hog_req, 1);
@@ -329,8 +351,14 @@ MODULE_PARM_DESC(measure, "write 1 in a fresh netns: enable conntrack there and 
 
 static int __init nqlab_init(void)
 {
-	int ret = register_kretprobe(&nqlab_grow_probe);
+	int ret;
 
+	if (fake_confirm) {
+		ret = nf_register_net_hook(&init_net, &nqlab_fake_ops);
+		if (ret)
+			return ret;
+	}
+	ret = register_kretprobe(&nqlab_grow_probe);
 	nqlab_probe_on = ret == 0;
 	if (ret)
 		pr_warn("nqlab_hookrace: kretprobe on nf_hook_entries_grow: %d (race unavailable)\n", ret);
@@ -342,6 +370,8 @@ static void __exit nqlab_exit(void)
 	nqlab_race_stop();
 	if (nqlab_probe_on)
 		unregister_kretprobe(&nqlab_grow_probe);
+	if (fake_confirm)
+		nf_unregister_net_hook(&init_net, &nqlab_fake_ops);
 }
 
 module_init(nqlab_init);

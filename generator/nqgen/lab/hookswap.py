@@ -8,6 +8,10 @@ text); a health flow then runs through POST_ROUTING, where such a pointer is exe
 
 ``window``: from a fresh network namespace the helper enables conntrack (the first conntrack rule of a
 new container) and measures how long the new confirm slot still calls the original confirm.
+
+``unmatched``: conntrack is loaded but not enabled in init_net, and the helper registers a no-op hook at the
+confirm priority there (what a kernel whose confirm slots hold unrecognisable addresses, CFI, shows): the module
+must say it swapped nothing and count it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .qemu import QemuConfig, boot
 from .results import Fault, find_faults
 from .runner import LabConfig, RunSpec, _check_vermagic, _Guest, _plan
 
-Kind = Literal["race", "window"]
+Kind = Literal["race", "window", "unmatched"]
 HELPER = "nqlab_hookrace"
 HELPER_GUEST = f"/nqlab/{HELPER}.ko"
 PARAMS = f"/sys/module/{HELPER}/parameters"
@@ -98,11 +102,30 @@ class ScenarioResult:
                 out.append(f"{stale} stale hook pointer(s) in init_net after unload")
             if any(c.get("rmmod_rc") != 0 for c in self.cycles):
                 out.append("rmmod failed")
-        else:
+        elif self.kind == "window":
             w = self.windows_us
             if not w or any(x is None or x < 0 for x in w):
                 out.append("a new registration was never swapped (or not measured)")
+        else:
+            if not self.unmatched:
+                out.append("the module did not count the unrecognised confirm-priority hook (unmatched = 0)")
+            if not self.warned:
+                out.append("the module did not warn that it swapped nothing")
         return out
+
+    @property
+    def unmatched(self) -> int:
+        """unmatched: the module's counter after load."""
+        return sum(int(r.get("unmatched") or 0) for r in self.records if r.get("type") == "unmatched")
+
+    @property
+    def warned(self) -> bool:
+        """unmatched: the module's load printed the warning."""
+        for r in self.records:
+            if r.get("type") == "insmod" and r.get("role") == "mitigation":
+                text = base64.b64decode(str(r.get("dmesg_b64") or "")).decode("utf-8", "replace")
+                return "none calls a known confirm function" in text
+        return False
 
     @property
     def exercised(self) -> bool:
@@ -126,6 +149,8 @@ class ScenarioResult:
             "window_ms_max": round(max(w) / 1000, 1) if w else None,
             "window_ms_mean": round(sum(w) / len(w) / 1000, 1) if w else None,
             "exercised": self.exercised if self.kind == "race" else None,
+            "unmatched": self.unmatched if self.kind == "unmatched" else None,
+            "warned": self.warned if self.kind == "unmatched" else None,
             "faults": [{"kind": f.kind, "title": f.title, "frames": f.frames} for f in self.faults],
             "problems": self.problems,
         }
@@ -144,12 +169,12 @@ def render_init(sc: Scenario, deps: tuple[GuestModule, ...], helper: GuestModule
         cmd = f"load dep {_q(mod.name)} {_q(mod.path)} {'true' if mod.optional else 'false'}"
         lines.append(cmd if mod.optional else f"{cmd} || finish {EXIT_DEP_FAILED}")
     helper_params = " ".join(_q(p) for p in helper.params)
-    lines.append(
-        f"load helper {_q(helper.name)} {_q(helper.path)} false {helper_params} || finish {EXIT_HELPER_FAILED}"
-    )
-    lines.append(
-        f"load helper {HELPER} {HELPER_GUEST} false delay_ms={sc.delay_ms} || finish {EXIT_HELPER_FAILED}"
-    )
+    if sc.kind != "unmatched":  # there conntrack stays off in init_net: only the look-alike hook is there
+        lines.append(
+            f"load helper {_q(helper.name)} {_q(helper.path)} false {helper_params} || finish {EXIT_HELPER_FAILED}"
+        )
+    race_params = f"delay_ms={sc.delay_ms}" + (" fake_confirm=1" if sc.kind == "unmatched" else "")
+    lines.append(f"load helper {HELPER} {HELPER_GUEST} false {race_params} || finish {EXIT_HELPER_FAILED}")
     load = f"load mitigation {m} {_q(mitigation.path)} false {params}"
     if sc.kind == "race":
         lines.append(
@@ -173,6 +198,12 @@ def render_init(sc: Scenario, deps: tuple[GuestModule, ...], helper: GuestModule
         )
         # one flow through POST_ROUTING: a stale slot there is executed
         lines.append(f"traffic health 20 {HEALTH_DPORT} {SPORT_BASE} 1")
+    elif sc.kind == "unmatched":
+        lines.append(f"{load} || finish {EXIT_HELPER_FAILED}")
+        lines.append(f"U=$(cat {_q(f'/sys/kernel/{mitigation.name}/unmatched')} 2>/dev/null)")
+        lines.append("case \"$U\" in ''|*[!0-9]*) U=null;; esac")
+        lines.append('emit "{\\"type\\":\\"unmatched\\",\\"unmatched\\":$U}"')
+        lines.append(f"log before-unload\nrmmod {m}")
     else:
         lines.append(f"{load} || finish {EXIT_HELPER_FAILED}")
         lines.append(
