@@ -242,7 +242,8 @@ STRATEGIES: tuple[Strategy, ...] = (
         risks=(
             "4.16+: a conntrack hook registered while loaded (a new container's first conntrack rule) is swapped "
             "before publication; measured in the lab (Debian 6.1 under qemu, `nqgen.lab.hookswap` window "
-            "scenario, 8 fresh namespaces): 0 ms in 8 of 8, where the rescan-only module left each new confirm "
+            "scenario, 8 fresh namespaces): already swapped when nf_ct_netns_get() returned in 8 of 8, where the "
+            "rescan-only module left each new confirm "
             "slot on the original for 831-1015 ms (mean 911 ms, default interval_ms=1000). Without kretprobes "
             "(or on a missed one) the rescan still takes up to interval_ms; RHEL 7 (global lists) has no kretprobe "
             "path: an nf_conntrack_ipv6 loaded later runs the original until the rescan",
