@@ -121,7 +121,8 @@ def _unload(runs: list[Run]) -> str:
         u = first["unload"]
         if u["method"] == "livepatch":
             waited = max(int(r["unload"]["waited_ms"]) for r in runs)
-            return f"ok (livepatch, {waited} ms)"
+            enabling = max(int(r["unload"].get("enable_wait_ms", 0)) for r in runs)
+            return f"ok (livepatch, {enabling} ms enabling + {waited} ms disabling)"
         return f"ok ({u['method']})"
     u = bad[0].get("unload")
     what = "not reached" if u is None else f"failed ({u['method']})"

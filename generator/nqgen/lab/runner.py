@@ -199,6 +199,8 @@ def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workloa
         counters=m.counters,
         unload=m.unload,
         livepatch_sysfs=m.livepatch_sysfs,
+        ftrace_permanent=m.ftrace_permanent,
+        patched=m.patched,
         queue_base=m.queue_base if m.queue_base is not None else queue_base,
         queue_count=m.queue_count if m.queue_base is not None else queue_count,
     )
