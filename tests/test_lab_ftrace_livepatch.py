@@ -5,6 +5,8 @@
 - the kernel must list every function the module claims to patch (on Debian 6.1, G2: ipv4_confirm,
   ipv6_confirm and the exported nf_confirm) as patched: ftrace's enabled_functions with an IPMODIFY record,
   livepatch's sysfs function directories;
+- bridged packets (pings out through a bridge with a dummy port; nf_conntrack_bridge's POST_ROUTING hook calls
+  nf_confirm() directly) reach the corrected nf_confirm: its counter nf_confirm_calls grows;
 - the livepatch unload waits for the enable transition to finish before it disables (a disable while the
   enable transition is pending reverses it mid-way; the soak's load/unload loops locked up on it).
 """
@@ -24,7 +26,7 @@ from conftest import DebianKernel, run_nqgen
 from nqgen.lab.guest import GuestModule, GuestPlan, Workload, render_init
 
 
-def _plan(unload: str, patched: tuple[str, ...], permanent: bool | None) -> GuestPlan:
+def _plan(unload: str, patched: tuple[str, ...], permanent: bool | None, bridge: bool = False) -> GuestPlan:
     return GuestPlan(
         run="t",
         deps=(GuestModule("nf_conntrack", "/lib/modules/r/nf_conntrack.ko", "dep"),),
@@ -35,6 +37,7 @@ def _plan(unload: str, patched: tuple[str, ...], permanent: bool | None) -> Gues
         livepatch_sysfs="/sys/kernel/livepatch/nq_livepatch" if unload == "livepatch" else None,
         ftrace_permanent=permanent,
         patched=patched,
+        bridge=bridge,
     )
 
 
@@ -61,7 +64,11 @@ def test_guest_checks_the_sysctl_and_the_patched_functions() -> None:
     assert "echo 0 > /proc/sys/kernel/ftrace_enabled" in script and "echo 1 > /proc/sys/kernel/ftrace_enabled" in script
     assert "/sys/kernel/tracing/enabled_functions" in script and "for fn in ipv4_confirm nf_confirm" in script
     plain = render_init(_plan("rmmod", (), None))  # a hook-based module: neither check
-    assert "ftrace_enabled" not in plain and "enabled_functions" not in plain
+    assert "ftrace_enabled" not in plain and "enabled_functions" not in plain and "nqbr0" not in plain
+    bridged = render_init(_plan("livepatch", ("nf_confirm",), True, bridge=True))
+    _valid_shell(bridged)
+    assert "ip link add nqbr0 type bridge" in bridged and "ping6 -c 3 -W 1 -I nqbr0 ff02::1" in bridged
+    assert bridged.index("nqbr0 type bridge") < bridged.index("log before-unload")
 
 
 # ---- real boot on the Debian kernel ------------------------------------------------------------------------
@@ -100,6 +107,8 @@ def test_ftrace_and_livepatch_on_the_debian_kernel(debian: DebianKernel, tmp_pat
         # G2: nf_confirm is patched too, and the corrected copies ran
         assert run["patched"] == {"ipv4_confirm": True, "ipv6_confirm": True, "nf_confirm": True}, name
         assert "nf_confirm_calls" in run["counters"]["workload"], name
+        bridge = run["bridge"]
+        assert bridge["setup"] is True and bridge["nf_confirm_after"] > bridge["nf_confirm_before"], (name, bridge)
         assert run["counters"]["workload"]["confirm_calls"] >= 60 * 2 * 2, name
     lp = runs["livepatch"]
     assert lp["livepatch"]["transition"] == "0"

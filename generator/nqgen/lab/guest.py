@@ -59,6 +59,7 @@ class GuestPlan:
     livepatch_sysfs: str | None = None
     ftrace_permanent: bool | None = None  # None: not an ftrace-based module, no sysctl check
     patched: tuple[str, ...] = ()  # functions the kernel must show as patched while the module is loaded
+    bridge: bool = False  # after the workload, ping out through a bridge (nf_conntrack_bridge calls nf_confirm)
     queue_base: int | None = None  # the NFQUEUE consumer binds queue_base..queue_base+queue_count-1
     queue_count: int = 0
 
@@ -197,6 +198,8 @@ def render_init(plan: GuestPlan) -> str:
     lines.append("counters workload")
     lines.append("ctstat workload")
     lines.append("taint workload")
+    if plan.mitigation is not None and plan.bridge:
+        lines.append(_bridge_block(plan))
     if plan.mitigation is not None:
         lines.append(_unload_block(plan))
         lines.append("counters unloaded")
@@ -271,6 +274,34 @@ def _ftrace_enabled_block(plan: GuestPlan) -> str:
         "\techo 1 > /proc/sys/kernel/ftrace_enabled 2>/dev/null\n"
         f'\temit "{{\\"type\\":\\"ftrace_enabled\\",\\"write_rc\\":$FRC,\\"value_after\\":\\"$FV\\",'
         f'\\"expect_refused\\":{expect},\\"stderr_b64\\":\\"$(b64 /tmp/fe.err)\\"}}"\n'
+        "fi"
+    )
+
+
+def _bridge_block(plan: GuestPlan) -> str:
+    """Send IPv4 and IPv6 pings out through a bridge (a dummy port), so nf_conntrack_bridge's POST_ROUTING hook
+    calls nf_confirm() on them: the patched nf_confirm must count them in nf_confirm_calls."""
+    return (
+        'if [ "$MIT" = 1 ]; then\n'
+        "\tBR=false\n"
+        "\t: > /tmp/br.err\n"
+        "\tip link add nqd0 type dummy 2>>/tmp/br.err && ip link add nqbr0 type bridge 2>>/tmp/br.err"
+        " && ip link set nqd0 master nqbr0 2>>/tmp/br.err && ip link set nqd0 up 2>>/tmp/br.err"
+        " && BR=true\n"
+        '\tif [ "$BR" = true ]; then\n'
+        "\t\techo 0 > /proc/sys/net/ipv6/conf/nqbr0/accept_dad 2>/dev/null\n"
+        "\t\tip link set nqbr0 up 2>>/tmp/br.err && ip addr add 10.77.0.1/24 dev nqbr0 2>>/tmp/br.err"
+        " && arp -s 10.77.0.2 02:00:00:00:00:02 2>>/tmp/br.err || BR=false\n"
+        "\tfi\n"
+        '\tNB=$(head -n 1 "$SD/nf_confirm_calls" 2>/dev/null | tr -d " \\n")\n'
+        '\tif [ "$BR" = true ]; then\n'
+        "\t\tping -c 3 -W 1 10.77.0.2 > /dev/null 2>&1\n"
+        "\t\tping6 -c 3 -W 1 -I nqbr0 ff02::1 > /dev/null 2>&1\n"
+        "\tfi\n"
+        '\tNA=$(head -n 1 "$SD/nf_confirm_calls" 2>/dev/null | tr -d " \\n")\n'
+        '\temit "{\\"type\\":\\"bridge\\",\\"setup\\":$BR,\\"nf_confirm_before\\":${NB:-null},'
+        '\\"nf_confirm_after\\":${NA:-null},\\"stderr_b64\\":\\"$(b64 /tmp/br.err)\\"}"\n'
+        "\tcounters bridge\n"
         "fi"
     )
 

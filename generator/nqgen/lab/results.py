@@ -124,6 +124,7 @@ class RunResult:
     livepatch: dict[str, Any] | None = None  # state after load: enabled, transition, waited_ms
     patched: dict[str, bool] = field(default_factory=dict)  # function -> the kernel lists it as patched
     ftrace_enabled: dict[str, Any] | None = None  # sysctl kernel.ftrace_enabled=0 tried while loaded
+    bridge: dict[str, Any] | None = None  # pings out through a bridge: nf_confirm_calls before and after
     faults: list[Fault] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # lab-side problems (helper not ready, bad lines)
     kernel_log: str = ""
@@ -467,6 +468,13 @@ def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
         if rec.get("expect_refused") and not refused:
             run.errors.append("sysctl kernel.ftrace_enabled=0 was accepted while the module is loaded: "
                               "the mitigation was silently off (no FTRACE_OPS_FL_PERMANENT)")
+    elif kind == "bridge":
+        run.bridge = {k: v for k, v in rec.items() if k not in ("type", "stderr_b64")}
+        before, after = rec.get("nf_confirm_before"), rec.get("nf_confirm_after")
+        if not rec.get("setup"):
+            run.errors.append(f"bridge setup failed: {_b64(rec.get('stderr_b64')).strip()[:160]}")
+        elif not (isinstance(before, int) and isinstance(after, int) and after > before):
+            run.errors.append(f"bridged packets did not reach the corrected nf_confirm ({before} -> {after})")
     elif kind == "queue":
         run.queue = {k: v for k, v in rec.items() if k != "type"}
         if _int(rec.get("bind_error")) != 0:
