@@ -3,8 +3,10 @@
 Each feature is decided by a precise parse of one declaration (comments stripped, the
 ``__GENKSYMS__`` branches of RHEL 7 resolved to the real one), never from a version number; the
 few things headers cannot show (NF_STOP in ``nf_hook_slow``, the VRF check in ``ipv4_confirm``)
-come from the kernel source when the tree has it, else from the hook storage generation or the
-release, and their evidence line says so.
+come from the conntrack module's code where given (the VRF test, disassembled), else the kernel
+source when the tree has it, else from the hook storage generation or the release, and their
+evidence line says so. The confirm generation from the headers must agree with the module's ops
+array (G1 exactly when it has a helper hook at NF_IP_PRI_CONNTRACK_HELPER), else nqgen refuses.
 
 Debian splits its headers: ``/lib/modules/<rel>/build`` holds ``.config``, ``Module.symvers`` and
 generated files, and its ``Makefile`` includes the common tree that holds ``include/``; both are
