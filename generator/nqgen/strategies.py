@@ -145,7 +145,7 @@ def _patched_notes(profile: KernelProfile) -> tuple[str, ...]:
         bridge = "bridge conntrack (nf_conntrack_bridge, 5.3+) runs the inline confirm: not covered"
     return (
         "not covered: the inline nf_conntrack_confirm() compiled into openvswitch (ovs_ct_commit), tc act_ct and "
-        "IPVS (ip_vs_confirm_conntrack in ip_vs_nfct.c)",
+        "IPVS (ip_vs_confirm_conntrack in ip_vs_nfct.c), read in Debian's 6.1 source",
         bridge,
     )
 
@@ -246,7 +246,7 @@ STRATEGIES: tuple[Strategy, ...] = (
     ),
     Strategy(
         name="ftrace",
-        summary="redirect ipv4_confirm/ipv6_confirm to a corrected copy through ftrace",
+        summary="redirect ipv4_confirm/ipv6_confirm (on G2 also nf_confirm) to a corrected copy through ftrace",
         touches="an ftrace_ops with IPMODIFY on the confirm functions",
         needs="CONFIG_DYNAMIC_FTRACE_WITH_REGS; register_ftrace_function, ftrace_set_filter_ip; the addresses",
         undo="unregister_ftrace_function, remove the filters; the original functions run again",
@@ -279,7 +279,7 @@ STRATEGIES: tuple[Strategy, ...] = (
     ),
     Strategy(
         name="livepatch",
-        summary="replace the confirm functions through the kernel's livepatch API",
+        summary="replace the confirm functions (on G2 also nf_confirm) through the kernel's livepatch API",
         touches="a livepatch on the confirm functions (ftrace IPMODIFY underneath)",
         needs="CONFIG_LIVEPATCH, klp_enable_patch, traceable functions",
         undo="disable through /sys/kernel/livepatch/<module>/enabled, wait for the transition, then rmmod",
