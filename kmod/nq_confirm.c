@@ -157,6 +157,13 @@ unsigned int nq_ipv6_confirm(void *priv, struct sk_buff *skb,
 
 	return nq_confirm_body(skb, protoff, ct, ctinfo);
 }
+
+/* The exported nf_confirm() as the bridge's conntrack calls it. */
+unsigned int nq_nf_confirm(struct sk_buff *skb, unsigned int protoff,
+			   struct nf_conn *ct, enum ip_conntrack_info ctinfo)
+{
+	return nq_confirm_body(skb, protoff, ct, ctinfo);
+}
 {%- elif cookiecutter.target.generation == "G3" %}
 
 unsigned int nq_nf_confirm(void *priv, struct sk_buff *skb,

@@ -37,6 +37,15 @@ unsigned int nq_{{ name }}(const struct nf_hook_ops *ops, struct sk_buff *skb,
 {{ "\t" * ((name | length + 17) // 8) }}{{ " " * ((name | length + 17) % 8) }}int (*okfn)(struct sk_buff *));
 {%- endif %}
 {%- endfor %}
+{%- if cookiecutter.target.generation == "G2" %}
+
+/*
+ * Corrected copy of the exported nf_confirm() (helper, sequence adjustment,
+ * fixed confirm), same prototype: nf_conntrack_bridge calls it directly.
+ */
+unsigned int nq_nf_confirm(struct sk_buff *skb, unsigned int protoff,
+			   struct nf_conn *ct, enum ip_conntrack_info ctinfo);
+{%- endif %}
 
 /*
  * Confirm ahead of the original confirm hook, but only where that changes

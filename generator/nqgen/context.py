@@ -24,6 +24,17 @@ def resolve_method(profile: KernelProfile) -> str:
     return "kallsyms" if profile.features.kallsyms_lookup_name_exported else "anchor"
 
 
+def patch_nf_confirm(profile: KernelProfile) -> bool:
+    """G2: nf_confirm() is exported and not itself the hook, so callers outside the hooks (the bridge's
+    conntrack) reach the unfixed confirm through it; ftrace and livepatch replace it too."""
+    f = profile.features
+    return (
+        f.confirm_generation == "G2"
+        and f.nf_confirm_exported
+        and all(t.function != "nf_confirm" for t in profile.confirm.values())
+    )
+
+
 def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
     """The ``target`` dict of the cookiecutter context for one kernel profile."""
     f = profile.features
@@ -50,6 +61,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         )
     ipv4 = profile.confirm.get("ipv4")
     return {
+        "patch_nf_confirm": patch_nf_confirm(profile),
         "release": profile.release,
         "kdir": kdir,
         "generation": f.confirm_generation,
@@ -64,6 +76,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         "ftrace_regs_form": f.ftrace_regs_form,
         "ftrace_set_ip": f.ftrace_set_ip,
         "ftrace_recursion_flag": f.ftrace_recursion_flag,
+        "ftrace_permanent": f.ftrace_permanent,
         "livepatch_api": f.livepatch_api,
         "has_ecache_exist": f.has_ecache_exist,
         "confirm_has_vrf_check": f.confirm_has_vrf_check,

@@ -128,6 +128,7 @@ class KernelFeatures:
     ftrace_regs_form: FtraceRegsForm
     ftrace_set_ip: FtraceSetIp
     ftrace_recursion_flag: FtraceRecursion
+    ftrace_permanent: bool  # FTRACE_OPS_FL_PERMANENT exists: kernel.ftrace_enabled=0 is refused while the ops lives
     livepatch_api: LivepatchApi
     has_ecache_exist: bool  # nf_ct_ecache_exist()
     confirm_generation: ConfirmGeneration
@@ -136,6 +137,16 @@ class KernelFeatures:
     kallsyms_lookup_name_exported: bool
     nf_confirm_exported: bool
     evidence: tuple[str, ...] = ()  # one line per decision: where it came from
+
+
+@dataclass(frozen=True)
+class ConfirmCodeFacts:
+    """What the conntrack module's own code shows, for the decisions one header declaration cannot carry."""
+
+    where: str  # "nf_conntrack.ko ipv4_confirm()": the module and function the facts come from
+    helper_hooks: tuple[str, ...] | None  # hooks at NF_IP_PRI_CONNTRACK_HELPER in the ops array; None: no array
+    vrf_symbol: bool  # the module defines in_vrf_postrouting()
+    l3mdev_bits: tuple[frozenset[int], ...]  # per single-bit test after state->hook == POST_ROUTING: its bits
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .context import resolve_method
+from .context import patch_nf_confirm, resolve_method
 from .profile import KernelProfile
 
 
@@ -124,7 +124,30 @@ def _check_ftrace(profile: KernelProfile) -> Feasibility:
     untraceable = [profile.confirm[f].function for f in families if not profile.confirm[f].traceable]
     if untraceable:
         return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
-    return Feasibility(True, "redirects " + _where(profile, families), covers=families)
+    also = " and the exported nf_confirm (the bridge's conntrack calls it)" if patch_nf_confirm(profile) else ""
+    notes = _patched_notes(profile)
+    if profile.features.ftrace_permanent:
+        notes += ("FTRACE_OPS_FL_PERMANENT: sysctl kernel.ftrace_enabled=0 is refused while it is loaded",)
+    else:
+        notes += ("no FTRACE_OPS_FL_PERMANENT in this kernel: sysctl kernel.ftrace_enabled=0 turns it off silently",)
+    return Feasibility(True, "redirects " + _where(profile, families) + also, covers=families, notes=notes)
+
+
+def _patched_notes(profile: KernelProfile) -> tuple[str, ...]:
+    """What ftrace and livepatch leave to the unfixed inline confirm on this kernel, exactly."""
+    if patch_nf_confirm(profile):
+        bridge = (
+            "the bridge's conntrack (nf_conntrack_bridge) is covered where it calls nf_confirm, not on its "
+            "inline fallbacks (no entry or RELATED_REPLY; IPv6 with unwalkable extension headers or a "
+            "non-first fragment)"
+        )
+    else:
+        bridge = "bridge conntrack (nf_conntrack_bridge, 5.3+) runs the inline confirm: not covered"
+    return (
+        "not covered: the inline nf_conntrack_confirm() compiled into openvswitch (ovs_ct_commit), tc act_ct and "
+        "IPVS (ip_vs_confirm_conntrack in ip_vs_nfct.c), read in Debian's 6.1 source",
+        bridge,
+    )
 
 
 def _check_hook_swap(profile: KernelProfile) -> Feasibility:
@@ -178,7 +201,17 @@ def _check_livepatch(profile: KernelProfile) -> Feasibility:
     if untraceable:
         return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
     names = ", ".join(profile.confirm[x].function for x in families)
-    return Feasibility(True, f"replaces {names} in object {profile.confirm['ipv4'].module}", covers=families)
+    if patch_nf_confirm(profile):
+        names += ", nf_confirm"
+    notes = (
+        *_patched_notes(profile),
+        "protection starts when the enable transition has finished (transition reads 0), not at insmod",
+        f"hard dependency on {profile.confirm['ipv4'].module} (it calls its exports): the module must be loaded "
+        "first, so the klp object is never deferred to a later load of that module",
+    )
+    return Feasibility(
+        True, f"replaces {names} in object {profile.confirm['ipv4'].module}", covers=families, notes=notes
+    )
 
 
 NAT_RISK = (
@@ -219,7 +252,7 @@ STRATEGIES: tuple[Strategy, ...] = (
     ),
     Strategy(
         name="ftrace",
-        summary="redirect ipv4_confirm/ipv6_confirm to a corrected copy through ftrace",
+        summary="redirect ipv4_confirm/ipv6_confirm (on G2 also nf_confirm) to a corrected copy through ftrace",
         touches="an ftrace_ops with IPMODIFY on the confirm functions",
         needs="CONFIG_DYNAMIC_FTRACE_WITH_REGS; register_ftrace_function, ftrace_set_filter_ip; the addresses",
         undo="unregister_ftrace_function, remove the filters; the original functions run again",
@@ -267,11 +300,15 @@ STRATEGIES: tuple[Strategy, ...] = (
     ),
     Strategy(
         name="livepatch",
-        summary="replace the confirm functions through the kernel's livepatch API",
+        summary="replace the confirm functions (on G2 also nf_confirm) through the kernel's livepatch API",
         touches="a livepatch on the confirm functions (ftrace IPMODIFY underneath)",
         needs="CONFIG_LIVEPATCH, klp_enable_patch, traceable functions",
         undo="disable through /sys/kernel/livepatch/<module>/enabled, wait for the transition, then rmmod",
-        risks=(IPMODIFY_RISK, "rmmod without disabling first is refused; the patch stays active until disabled"),
+        risks=(
+            IPMODIFY_RISK,
+            "rmmod without disabling first is refused; the patch stays active until disabled",
+            "disabling while the enable transition is still pending reverses it mid-way: wait for transition 0 first",
+        ),
         check=_check_livepatch,
     ),
 )
