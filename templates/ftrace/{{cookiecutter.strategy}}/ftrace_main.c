@@ -92,11 +92,16 @@ static struct ftrace_ops nq_ftrace_ops __read_mostly = {
 };
 {%- endif %}
 
-/* The i-th target is filtered unless an earlier one has the same address. */
+/*
+ * The i-th target is filtered when it is attached and no earlier one has
+ * the same address (an optional target may be attached later: see below).
+ */
 static bool nq_first_of_addr(int i)
 {
 	int j;
 
+	if (!nq_targets[i].addr)
+		return false;
 	for (j = 0; j < i; j++)
 		if (nq_targets[j].addr == nq_targets[i].addr)
 			return false;
@@ -113,10 +118,24 @@ static void nq_remove_filters(int n)
 					     1, 0);
 }
 
+/* an optional target's module loaded after this module: redirect it too */
+static void nq_filter_late(struct nq_target *t)
+{
+	int ret = ftrace_set_filter_ip(&nq_ftrace_ops, t->addr, 0, 0);
+
+	if (ret)
+		pr_err("%s: cannot filter %s: %d; it stays unprotected\n",
+		       t->family, t->name, ret);
+	else
+		pr_info("%s: %s redirected to nq_%s\n", t->family, t->name,
+			t->name);
+}
+
 static int __init nq_init(void)
 {
 	int i, ret;
 
+	nq_resolve_on_attach(nq_filter_late);
 	ret = nq_resolve_targets();
 	if (ret)
 		return ret;
@@ -141,8 +160,11 @@ static int __init nq_init(void)
 		goto err_filters;
 	}
 	for (i = 0; i < NQ_NTARGETS; i++)
-		pr_info("%s: %s redirected to nq_%s\n", nq_targets[i].family,
-			nq_targets[i].name, nq_targets[i].name);
+		if (nq_targets[i].addr)
+			pr_info("%s: %s redirected to nq_%s\n",
+				nq_targets[i].family, nq_targets[i].name,
+				nq_targets[i].name);
+	nq_resolve_start();
 	return 0;
 
 err_filters:
@@ -155,6 +177,8 @@ err_targets:
 
 static void __exit nq_exit(void)
 {
+	/* no target is attached from here on: nq_targets[] stays as it is */
+	nq_resolve_stop();
 	unregister_ftrace_function(&nq_ftrace_ops);
 	nq_remove_filters(NQ_NTARGETS);
 	/* redirected calls run inside the hooks' RCU read side */
