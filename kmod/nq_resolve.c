@@ -259,7 +259,7 @@ void nq_resolve_start(void)
 	int i;
 
 	mutex_lock(&nq_resolve_lock);
-	nq_started = nq_on_attach != NULL;
+	nq_started = !!nq_on_attach;
 	for (i = 0; i < NQ_NTARGETS; i++)
 		if (nq_pending[i])
 			nq_publish(i, nq_pending[i]);
