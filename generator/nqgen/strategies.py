@@ -244,7 +244,7 @@ NAT_RISK = (
     "confirming at NF_IP_PRI_FIRST precedes SNAT/MASQUERADE (100) and helpers (300): entries the NAT hooks have "
     "seen (a NAT binding or extension: a nat table or chain is active in the netns) are queued unconfirmed "
     "instead (counter nat_unconfirmed), so they are not protected; what early confirmation would do to NAT on "
-    "this kernel is in the next line"
+    "this kernel is stated below"
 )
 IPMODIFY_RISK = (
     "ftrace and livepatch both need exclusive IPMODIFY on the function: they cannot patch it at once "
@@ -254,9 +254,9 @@ IPMODIFY_RISK = (
 STRATEGIES: tuple[Strategy, ...] = (
     Strategy(
         name="advance-confirm",
-        summary="POST_ROUTING hook at NF_IP_PRI_FIRST: for UDP, call the kernel's own ipv4_confirm, then NFQUEUE",
+        summary="POST_ROUTING hook at NF_IP_PRI_FIRST: for UDP, call the kernel's own confirm function, then NFQUEUE",
         touches="adds a netfilter hook in every netns; queues UDP to NFQUEUE",
-        needs="the address of ipv4_confirm (anchor+offset or kallsyms); NFQUEUE",
+        needs="the address of ipv4_confirm/ipv6_confirm (anchor+offset or kallsyms); NFQUEUE",
         undo="unregisters its hooks and waits for packets in flight (packets held in NFQUEUE: see its notes)",
         risks=(
             "still calls the unfixed confirm: racing CPUs still resolve clashes in the buggy inline (measured)",
@@ -273,8 +273,7 @@ STRATEGIES: tuple[Strategy, ...] = (
         undo="unregisters its hooks and waits for packets in flight (packets held in NFQUEUE: see its notes)",
         risks=(
             NAT_RISK,
-            "entries with a helper or sequence adjustment are left to the kernel's confirm (still vulnerable), and "
-            "helpers (300) still run after the early confirm for the others",
+            "entries with a helper or sequence adjustment are left to the kernel's confirm (still vulnerable)",
             "only queued UDP is covered; other traffic still uses the unfixed confirm",
         ),
         check=_check_advance_corrected,
