@@ -157,6 +157,19 @@ KERNEL_API: dict[str, tuple[frozenset[str], str]] = {
         "kernel/module.c EXPORT_SYMBOL since 2.6, read in RHEL 7.7 dcui/RHEL77 and Debian 6.1.192",
     ),
     "unregister_module_notifier": (ALL, "as register_module_notifier"),
+    "IS_ERR_OR_NULL": (ALL, "include/linux/err.h since upstream 2.6.33"),
+    "cmpxchg": (ALL, _CORE),
+    "pr_warn": (ALL, "include/linux/printk.h since upstream 2.6.37 (3.10 has it)"),
+    "pr_warn_ratelimited": (PERNET, "include/linux/printk.h since upstream 3.0"),
+    "msleep": (ALL, _CORE),
+    "nf_hook_entries_get_hook_ops": (
+        PERNET,
+        "include/linux/netfilter.h inline since upstream 4.14 (with nf_hook_entries); RHEL 8.3 "
+        "dongzhiyan-stack/linux-4.18.0-240.el8 include/linux/netfilter.h line 105",
+    ),
+    "register_kretprobe": (PERNET, "kernel/kprobes.c EXPORT_SYMBOL_GPL since upstream 2.6.12"),
+    "unregister_kretprobe": (PERNET, "as register_kretprobe"),
+    "regs_return_value": (PERNET, "arch/x86/include/asm/ptrace.h inline since upstream 2.6.25"),
     "ACCESS_ONCE": (
         RHEL7,
         "the okfn-branch fallback for READ_ONCE/WRITE_ONCE; defined in every 3.10 include/linux/compiler.h "

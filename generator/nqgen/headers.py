@@ -47,6 +47,8 @@ LIVEPATCH_H = "include/linux/livepatch.h"
 CT_CORE_H = "include/net/netfilter/nf_conntrack_core.h"
 CT_H = "include/net/netfilter/nf_conntrack.h"
 CT_ECACHE_H = "include/net/netfilter/nf_conntrack_ecache.h"
+NETNS_NF_H = "include/net/netns/netfilter.h"  # struct netns_nf: hooks_ipv4[] since 4.16
+HOOKS_PER_FAMILY_SINCE = (4, 16, 0)  # before: net->nf.hooks[NFPROTO_NUMPROTO][NF_MAX_HOOKS]
 NF_CORE_C = "net/netfilter/core.c"  # only in full source trees
 CT_PROTO_C = "net/netfilter/nf_conntrack_proto.c"  # only in full source trees
 CT_L3IPV4_C = "net/ipv4/netfilter/nf_conntrack_l3proto_ipv4.c"  # only in full source trees
@@ -63,6 +65,7 @@ HEADER_FILES = (
     CT_CORE_H,
     CT_H,
     CT_ECACHE_H,
+    NETNS_NF_H,
     NF_CORE_C,
     CT_PROTO_C,
     CT_L3IPV4_C,
@@ -340,6 +343,7 @@ class HeaderFacts:
     have_ftrace_with_args: bool | None  # CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS in the tree's .config; None: no .config
     version: tuple[int, int, int] | None  # from the top Makefile
     files: tuple[str, ...]  # relative paths actually read
+    netns_hooks_ipv4: bool | None = None  # struct netns_nf has hooks_ipv4[]; None: header not in the tree
 
 
 def _hookfn(text: str) -> tuple[str, str]:
@@ -468,6 +472,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
     arch_ftrace = tree.read(tree.arch_ftrace_h) or ""
     livepatch = tree.read(LIVEPATCH_H)
     nf_core_c = tree.read(NF_CORE_C)
+    netns_nf = tree.read(NETNS_NF_H)
 
     form, hook_ev = _hookfn(netfilter)
     ops_body = find_body(netfilter, r"\bstruct\s+nf_hook_ops")
@@ -530,6 +535,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
         vrf_source=vrf_src,
         version=_tree_version(tree),
         files=files,
+        netns_hooks_ipv4=None if netns_nf is None else bool(re.search(r"\bhooks_ipv4\s*\[", netns_nf)),
     )
 
 
@@ -655,6 +661,8 @@ def _decide_from_headers(
     else:
         storage = "list"
         why = f"{nf} has no struct nf_hook_entries: hooks are the registered nf_hook_ops on a list"
+    if storage == "entries":
+        storage, why = _hook_heads(tree, facts, why)
     ev.add("hook_storage", storage, why)
 
     if facts.nf_stop_in_hook_slow is not None:
@@ -796,6 +804,26 @@ def _decide_from_headers(
         nat_on_confirmed=nat,
         evidence=tuple(ev.lines),
     )
+
+
+def _hook_heads(tree: HeaderTree, facts: HeaderFacts, why: str) -> tuple[HookStorage, str]:
+    """Per-family heads (net->nf.hooks_ipv4[], 4.16+) or one array per netns (hooks[pf][hooknum], 4.9-4.15)."""
+    netns = tree.relpath(NETNS_NF_H)
+    if facts.netns_hooks_ipv4 is not None:
+        if facts.netns_hooks_ipv4:
+            return "entries", f"{why}; {netns} has hooks_ipv4[]"
+        return "pf_entries", f"{why}; {netns} has no hooks_ipv4[] (hooks[pf][hooknum], before 4.16)"
+    if facts.version is not None:
+        per_family = facts.version >= HOOKS_PER_FAMILY_SINCE
+        v = ".".join(map(str, facts.version))
+        return (
+            "entries" if per_family else "pf_entries",
+            f"{why}; no {NETNS_NF_H} in the tree: heads inferred from Makefile version {v} "
+            f"({'>=' if per_family else '<'} 4.16, where hooks_ipv4[] replaced hooks[pf][hooknum])",
+        )
+    if not facts.has_hook_entries:
+        return "pf_entries", f"{why}; nf_hook_entry lists are 4.9-4.13: hooks[pf][hooknum]"
+    return "entries", f"{why}; guessed hooks_ipv4[] (no {NETNS_NF_H}, no Makefile version)"
 
 
 def _export_facts(ev: _Evidence, exports: frozenset[str]) -> tuple[bool, bool]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 HookFnForm = Literal["okfn", "ops_state", "priv_state"]
 Registration = Literal["global", "pernet"]
-HookStorage = Literal["list", "entries"]
+HookStorage = Literal["list", "entries", "pf_entries"]  # pf_entries: net->nf.hooks[pf][hooknum], 4.9-4.15
 FtraceRegsForm = Literal["pt_regs", "ftrace_regs"]
 FtraceSetIp = Literal["regs_ip", "ftrace_instruction_pointer_set", "ftrace_regs_set_instruction_pointer"]
 FtraceRecursion = Literal["RECURSION_SAFE", "RECURSION"]

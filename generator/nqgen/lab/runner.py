@@ -143,7 +143,15 @@ class _Guest:
             self._module_bytes[mod.relpath] = read_module(self.config.modules_dir / mod.relpath)
         return self._module_bytes[mod.relpath]
 
-    def initramfs(self, plan: GuestPlan, deps: list[ModuleFile], mitigation: Manifest | None) -> bytes:
+    def initramfs(
+        self,
+        plan: GuestPlan,
+        deps: list[ModuleFile],
+        mitigation: Manifest | None,
+        init: str | None = None,
+        extra: dict[str, Path] | None = None,
+    ) -> bytes:
+        """The boot's initramfs; a scenario passes its own ``init`` script and ``extra`` files (guest path -> file)."""
         c = Cpio()
         for d in ("dev", "proc", "sys", "tmp", "root"):
             c.directory(d)
@@ -166,7 +174,9 @@ class _Guest:
         c.copy(HELPER_GUEST_PATH.lstrip("/"), self.helper)
         if mitigation is not None:
             c.copy(f"nqlab/{mitigation.module}.ko", mitigation.ko)
-        c.file("init", render_init(plan).encode(), 0o755)
+        for dest, src in (extra or {}).items():
+            c.copy(dest.lstrip("/"), src)
+        c.file("init", (render_init(plan) if init is None else init).encode(), 0o755)
         return c.bytes()
 
 
