@@ -49,12 +49,13 @@ unsigned int nq_nf_confirm(struct sk_buff *skb, unsigned int protoff,
 
 /*
  * Confirm ahead of the original confirm hook, but only where that changes
- * nothing else: the entry has no helper and no sequence adjustment (those
- * must run before the confirm, and only once), and the packet is not an
- * l3mdev (VRF) pass the original leaves alone. Returns false, doing
- * nothing, for other entries; otherwise stores the corrected confirm's
- * verdict in *verdict and returns true. The original hook then finds the
- * entry confirmed and only delivers events for the entry on the skb.
+ * nothing else: the packet is not an l3mdev (VRF) pass the original leaves
+ * alone{% if cookiecutter.target.generation != "G1" or cookiecutter.strategy == "advance-confirm-corrected" %}, and the entry has no helper and no sequence adjustment
+ * (those must run before the confirm, and only once){% endif %}. Returns
+ * false, doing nothing, for other entries; otherwise stores the corrected
+ * confirm's verdict in *verdict and returns true. The original hook then
+ * finds the entry confirmed and only delivers events for the entry on the
+ * skb.
  */
 bool nq_preconfirm(struct sk_buff *skb, unsigned int hooknum,
 		   const struct net_device *out, unsigned int *verdict);

@@ -82,6 +82,7 @@ DEBIAN_61 = {
     "fix_present": True,
     "kallsyms_lookup_name_exported": False,
     "nf_confirm_exported": True,
+    "nat_on_confirmed": "skipped",
 }
 
 
@@ -140,6 +141,7 @@ UPSTREAM_419: dict[str, object] = {
     "fix_present": False,
     "kallsyms_lookup_name_exported": True,
     "nf_confirm_exported": False,
+    "nat_on_confirmed": "skipped",
 }
 RHEL7 = {
     **UPSTREAM_419,
@@ -151,6 +153,7 @@ RHEL7 = {
     "hook_storage": "list",
     "nf_stop_honoured": True,
     "livepatch_api": "enable",
+    "nat_on_confirmed": "rewrites_reply",
 }
 G2 = {"livepatch_api": "enable", "confirm_generation": "G2", "nf_confirm_exported": True}
 FTRACE_REGS = {"ftrace_regs_form": "ftrace_regs", "ftrace_recursion_flag": "RECURSION"}

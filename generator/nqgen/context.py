@@ -35,9 +35,18 @@ def patch_nf_confirm(profile: KernelProfile) -> bool:
     )
 
 
+def optional_target(profile: KernelProfile, module: str, exported: bool, ipv4_module: str) -> bool:
+    """A confirm function outside the module of the IPv4 one (RHEL 7's nf_conntrack_ipv6) is optional: the
+    generated module attaches to it when its module loads (module notifier) instead of refusing to load. Only
+    where it is found by kallsyms_lookup_name: an exported function or an anchor is a symbol reference, which
+    makes its module a load-time dependency."""
+    return module != ipv4_module and not exported and resolve_method(profile) == "kallsyms"
+
+
 def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
     """The ``target`` dict of the cookiecutter context for one kernel profile."""
     f = profile.features
+    ipv4_module = profile.confirm["ipv4"].module if "ipv4" in profile.confirm else profile.module.name
     families: list[dict[str, Any]] = []
     for fam in ("ipv4", "ipv6"):
         t = profile.confirm.get(fam)
@@ -52,6 +61,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
                 "exported": t.exported,
                 "anchor": t.anchor or "",
                 "delta": str(t.delta if t.delta is not None else 0),
+                "optional": optional_target(profile, t.module, t.exported, ipv4_module),
                 "hooks": [
                     {"hooknum": "NF_INET_" + HOOK_NAMES.get(h.hooknum, str(h.hooknum)), "priority": str(h.priority)}
                     for h in t.hooks
@@ -83,6 +93,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         "fix_present": f.fix_present,
         "kallsyms_lookup_name_exported": f.kallsyms_lookup_name_exported,
         "nf_confirm_exported": f.nf_confirm_exported,
+        "nat_on_confirmed": f.nat_on_confirmed,
         "resolve": resolve_method(profile),
         "confirm_module": ipv4.module if ipv4 else profile.module.name,
         "families": families,

@@ -37,6 +37,7 @@ from nqgen.profile import (
     HookStorage,
     KernelFeatures,
     LivepatchApi,
+    NatOnConfirmed,
     Registration,
 )
 
@@ -343,6 +344,7 @@ class HeaderFacts:
     confirm_inline_found: bool
     fix_present: bool
     fix_evidence: str
+    nat_bysource_in_conn: bool  # struct nf_conn has nat_bysource (NAT's by-source node left the extension)
     vrf_in_source: bool | None  # None: confirm source not in the tree
     vrf_source: str
     l3mdev_bit: int | None  # IFF_L3MDEV_MASTER = 1 << bit in netdevice.h; None: not in the tree
@@ -551,6 +553,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
         confirm_inline_found=inline_found,
         fix_present=fix,
         fix_evidence=fix_ev,
+        nat_bysource_in_conn=bool(re.search(r"\bnat_bysource\s*;", find_body(ct, r"\bstruct\s+nf_conn") or "")),
         vrf_in_source=vrf,
         vrf_source=vrf_src,
         l3mdev_bit=_l3mdev_bit(tree.read(NETDEVICE_H)),
@@ -804,6 +807,16 @@ def _decide_from_headers(
         raise errors.InputError(f"no inline nf_conntrack_confirm() in {core}")
     ev.add("fix_present", facts.fix_present, f"{core} {facts.fix_evidence}")
 
+    nat: NatOnConfirmed = "skipped" if facts.nat_bysource_in_conn else "rewrites_reply"
+    why = (
+        "struct nf_conn has nat_bysource: nf_nat_setup_info() tests nf_ct_is_confirmed()"
+        " (as read in RHEL 8.1 and 6.1 nf_nat_core.c)"
+        if facts.nat_bysource_in_conn
+        else "struct nf_conn has no nat_bysource: the by-source node is in the NAT extension, and"
+        " nf_nat_setup_info() guards confirmed entries only through nf_ct_nat_ext_add()"
+    )
+    ev.add("nat_on_confirmed", nat, f"{tree.relpath(CT_H)} {why}")
+
     kallsyms, nf_confirm_exp = _export_facts(ev, exports)
     return KernelFeatures(
         hookfn_form=hookfn,
@@ -825,6 +838,7 @@ def _decide_from_headers(
         fix_present=facts.fix_present,
         kallsyms_lookup_name_exported=kallsyms,
         nf_confirm_exported=nf_confirm_exp,
+        nat_on_confirmed=nat,
         evidence=tuple(ev.lines),
     )
 
@@ -957,6 +971,8 @@ def _decide_guessed(
     vrf, why = vrf_code if vrf_code is not None else (generation == "G3", f"{g} true only for G3 (6.2+)")
     ev.add("confirm_has_vrf_check", vrf, why)
     ev.add("fix_present", generation == "G3", f"{g} every G3 (6.2+) kernel is fixed; older ones assumed not")
+    nat: NatOnConfirmed = "rewrites_reply" if legacy else "skipped"
+    ev.add("nat_on_confirmed", nat, f"{g} follows registration (3.10 keeps the NAT by-source node in the extension)")
     kallsyms, nf_confirm_exp = _export_facts(ev, exports)
     return KernelFeatures(
         hookfn_form="ops_state" if legacy else "priv_state",
@@ -978,6 +994,7 @@ def _decide_guessed(
         fix_present=generation == "G3",
         kallsyms_lookup_name_exported=kallsyms,
         nf_confirm_exported=nf_confirm_exp,
+        nat_on_confirmed=nat,
         evidence=tuple(ev.lines),
     )
 

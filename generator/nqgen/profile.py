@@ -20,6 +20,10 @@ FtraceSetIp = Literal["regs_ip", "ftrace_instruction_pointer_set", "ftrace_regs_
 FtraceRecursion = Literal["RECURSION_SAFE", "RECURSION"]
 LivepatchApi = Literal["register_enable", "enable", "none"]
 ConfirmGeneration = Literal["G1", "G2", "G3"]
+# What nf_nat_setup_info() does to an entry confirmed before the NAT hook saw it: "rewrites_reply" (3.10: no
+# confirmed check, only nf_ct_nat_ext_add(), which returns an existing NAT extension of a confirmed entry, so the
+# reply tuple of a hashed entry is altered) or "skipped" (4.9+: "Can't setup nat info for confirmed ct").
+NatOnConfirmed = Literal["rewrites_reply", "skipped"]
 
 # Netfilter constants that never changed (include/uapi/linux/netfilter.h, netfilter_ipv4.h).
 NFPROTO_NAMES = {2: "ipv4", 10: "ipv6"}
@@ -136,6 +140,7 @@ class KernelFeatures:
     fix_present: bool  # the inline nf_conntrack_confirm re-reads ct after __nf_conntrack_confirm
     kallsyms_lookup_name_exported: bool
     nf_confirm_exported: bool
+    nat_on_confirmed: NatOnConfirmed  # struct nf_conn has nat_bysource (4.9+) or not (3.10)
     evidence: tuple[str, ...] = ()  # one line per decision: where it came from
 
 

@@ -97,7 +97,7 @@ static void notrace nq_ftrace_thunk(unsigned long ip, unsigned long parent_ip,
 		 * bytes in when the function starts with ENDBR (IBT) or
 		 * patchable entry NOPs.
 		 */
-		if (ip - nq_sites[i] >= NQ_FTRACE_SITE_MAX)
+		if (ip - READ_ONCE(nq_sites[i]) >= NQ_FTRACE_SITE_MAX)
 			continue;
 		nq_count(redirects);
 {%- if cookiecutter.target.ftrace_set_ip == "regs_ip" %}
@@ -134,11 +134,16 @@ static struct ftrace_ops nq_ftrace_ops __read_mostly = {
 };
 {%- endif %}
 
-/* The i-th site is filtered unless an earlier one has the same address. */
+/*
+ * The i-th site is filtered when it is attached and no earlier one has the
+ * same address (an optional target may be attached later: see below).
+ */
 static bool nq_first_of_addr(int i)
 {
 	int j;
 
+	if (!nq_sites[i])
+		return false;
 	for (j = 0; j < i; j++)
 		if (nq_sites[j] == nq_sites[i])
 			return false;
@@ -154,10 +159,26 @@ static void nq_remove_filters(int n)
 			ftrace_set_filter_ip(&nq_ftrace_ops, nq_sites[i], 1, 0);
 }
 
+/* an optional target's module loaded after this module: redirect it too */
+static void nq_filter_late(struct nq_target *t)
+{
+	int i = t - nq_targets;
+	int ret = ftrace_set_filter_ip(&nq_ftrace_ops, t->addr, 0, 0);
+
+	if (ret) {
+		pr_err("%s: cannot filter %s: %d; it stays unprotected\n",
+		       t->family, t->name, ret);
+		return;
+	}
+	WRITE_ONCE(nq_sites[i], t->addr);
+	pr_info("%s: %s redirected to nq_%s\n", t->family, t->name, t->name);
+}
+
 static int __init nq_init(void)
 {
 	int i, ret;
 
+	nq_resolve_on_attach(nq_filter_late);
 	ret = nq_resolve_targets();
 	if (ret)
 		return ret;
@@ -196,8 +217,10 @@ static int __init nq_init(void)
 		goto err_filters;
 	}
 	for (i = 0; i < NQ_NSITES; i++)
-		pr_info("%s redirected to nqgen's corrected copy\n",
-			nq_site_names[i]);
+		if (nq_sites[i])
+			pr_info("%s redirected to nqgen's corrected copy\n",
+				nq_site_names[i]);
+	nq_resolve_start();
 	return 0;
 
 err_filters:
@@ -210,6 +233,8 @@ err_targets:
 
 static void __exit nq_exit(void)
 {
+	/* no target is attached from here on: nq_sites[] stays as it is */
+	nq_resolve_stop();
 	unregister_ftrace_function(&nq_ftrace_ops);
 	nq_remove_filters(NQ_NSITES);
 	/* redirected calls run inside the hooks' RCU read side */
