@@ -162,6 +162,15 @@ def _add_lab() -> None:
 _add_lab()
 
 
+def _add_kernel() -> None:
+    from .kernels.cli import kernel
+
+    cli.add_command(kernel)
+
+
+_add_kernel()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning nqgen errors into one line on stderr and an exit code."""
     try:
