@@ -149,6 +149,9 @@ def verify(out: Path) -> None:
     for c in check_out(out):
         params = ", ".join(c.params) or "none"
         click.echo(f"ok {c.strategy}: {c.ko.name} vermagic '{c.vermagic.strip()}', params: {params}")
+        if c.from_source:
+            click.echo(f"   {len(c.from_source)} of its {len(c.undefined)} imported symbols were checked against the "
+                       "source tree's EXPORT_SYMBOL declarations only (the target has no Module.symvers)")
 
 
 def _add_lab() -> None:

@@ -37,9 +37,17 @@ class BuiltKernel:
     distro_kdir: Path | None  # tree prepared with the distribution config (modules_prepare only), if any
     key: str
     root: Path  # the cache directory holding all of the above
+    # The conntrack modules built in distro_kdir (nf_conntrack*.ko, as the distribution config builds them)
+    distro_modules: tuple[Path, ...] = ()
 
     def to_json(self) -> dict[str, str | None]:
-        return {k: (str(v) if v is not None else None) for k, v in asdict(self).items()}
+        """Every field as a string (``distro_modules`` joined by spaces)."""
+        out = self._scalars()
+        out["distro_modules"] = " ".join(str(p) for p in self.distro_modules)
+        return out
+
+    def _scalars(self) -> dict[str, str | None]:
+        return {k: (str(v) if v is not None else None) for k, v in asdict(self).items() if k != "distro_modules"}
 
 
 def cache_root(cache: Path | None = None) -> Path:
@@ -65,6 +73,8 @@ def recipe_key(recipe: Recipe, source: Path) -> str:
     """Hash of the builder version, the recipe, the source's identity, our patches and configs."""
     parts = [BUILDER_VERSION, recipe.name, src.source_id(source), recipe.distro_config or "", recipe.qemu_base,
              " ".join(recipe.make_vars), recipe.module_dir or "", " ".join(recipe.modules)]
+    if recipe.distro_modules:
+        parts.append(" ".join(f"{d}/{m}" for d, m in recipe.distro_modules))
     parts += [f"{p.name}\n{_read(p)}" for p in recipe.patch_files()]
     frag = recipe.fragment_file()
     parts.append(_read(frag) if frag else "")
@@ -91,7 +101,8 @@ def _from_meta(final: Path) -> BuiltKernel | None:
     return BuiltKernel(recipe=d["recipe"], release=d["release"], image=path("image"), vmlinux=path("vmlinux"),
                        modules_dir=path("modules_dir"), kdir=path("kdir"),
                        distro_kdir=path("distro_kdir") if d.get("distro_kdir") else None,
-                       key=final.name, root=final)
+                       key=final.name, root=final,
+                       distro_modules=tuple(final / p for p in d.get("distro_modules", [])))
 
 
 def find_in_cache(recipe: Recipe, key: str, cache: Path | None = None) -> BuiltKernel | None:
@@ -139,6 +150,9 @@ def _distro_tree(recipe: Recipe, pristine: Path, dest: Path, r: Runner) -> None:
     mk = ["make", *recipe.make_vars]
     r.run([*mk, "olddefconfig"], dest, "distribution config: olddefconfig")
     r.run([*mk, "modules_prepare"], dest, "distribution config: modules_prepare")
+    for subdir, name in recipe.distro_modules:
+        # obj-m on the command line overrides the directory's list: only this module is built
+        r.run([*mk, f"M={dest / subdir}", f"obj-m={name}.o", "modules"], dest, f"distribution config: {name}.ko")
 
 
 def _qemu_config(recipe: Recipe, tree: Path, r: Runner) -> None:
@@ -159,16 +173,18 @@ def _qemu_config(recipe: Recipe, tree: Path, r: Runner) -> None:
     r.say("every option of the fragment is set")
 
 
-def _build_full(recipe: Recipe, source: Path, tmp: Path, jobs: int, r: Runner) -> dict[str, str | None]:
+def _build_full(recipe: Recipe, source: Path, tmp: Path, jobs: int, r: Runner) -> dict[str, object]:
     pristine = tmp / "pristine"
     src.materialise(source, pristine, tmp / "scratch", r)
     _apply_patches(recipe, pristine, r)
     mk = ["make", *recipe.make_vars]
     r.run([*mk, "mrproper"], pristine, "make mrproper (the tree may ship stale generated files)")
     distro: str | None = None
+    distro_mods: list[str] = []
     if recipe.distro_config:
         _distro_tree(recipe, pristine, tmp / "distro", r)
         distro = "distro"
+        distro_mods = [f"distro/{d}/{m}.ko" for d, m in recipe.distro_modules]
     build = tmp / "build"
     pristine.rename(build)
     _qemu_config(recipe, build, r)
@@ -181,7 +197,8 @@ def _build_full(recipe: Recipe, source: Path, tmp: Path, jobs: int, r: Runner) -
     r.run(["depmod", "-b", str(mods), release], build, "depmod")
     _relink(mods / "lib/modules" / release, Path("../../../../build"))
     return {"release": release, "image": "build/arch/x86/boot/bzImage", "vmlinux": "build/vmlinux",
-            "modules_dir": f"modules/lib/modules/{release}", "kdir": "build", "distro_kdir": distro}
+            "modules_dir": f"modules/lib/modules/{release}", "kdir": "build", "distro_kdir": distro,
+            "distro_modules": distro_mods}
 
 
 def _module_sources(tree: Path, dest: Path, r: Runner) -> None:
@@ -190,7 +207,7 @@ def _module_sources(tree: Path, dest: Path, r: Runner) -> None:
           "copy module sources")
 
 
-def _build_variant(recipe: Recipe, base: BuiltKernel, tmp: Path, r: Runner) -> dict[str, str | None]:
+def _build_variant(recipe: Recipe, base: BuiltKernel, tmp: Path, r: Runner) -> dict[str, object]:
     assert recipe.module_dir is not None
     srcroot = tmp / "src"
     moddir = srcroot / recipe.module_dir
@@ -210,7 +227,8 @@ def _build_variant(recipe: Recipe, base: BuiltKernel, tmp: Path, r: Runner) -> d
     _relink(mods, base.kdir)
     return {"release": base.release, "image": str(base.image), "vmlinux": str(base.vmlinux),
             "modules_dir": f"modules/lib/modules/{base.release}", "kdir": str(base.kdir),
-            "distro_kdir": str(base.distro_kdir) if base.distro_kdir else None, "base": str(base.root)}
+            "distro_kdir": str(base.distro_kdir) if base.distro_kdir else None, "base": str(base.root),
+            "distro_modules": [str(p) for p in base.distro_modules]}
 
 
 def build(recipe: Recipe, source: Path, *, cache: Path | None = None, jobs: int = 2,

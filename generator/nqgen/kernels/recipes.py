@@ -36,6 +36,9 @@ class Recipe:
     module_dir: str | None = None
     modules: tuple[str, ...] = field(default_factory=tuple)
     legacy: bool = False  # built by nqgen.reprokernel (its own cache layout and key)
+    # Modules built in the distribution-config tree (directory, module name): the conntrack modules nqgen reads,
+    # as the distribution config builds them.
+    distro_modules: tuple[tuple[str, str], ...] = ()
 
     def patch_files(self) -> tuple[Path, ...]:
         d = PATCH_ROOT / self.name
@@ -56,6 +59,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         distro_config="configs/kernel-3.10.0-x86_64.config",
         qemu_base="distro-without-modules",
         qemu_fragment="rhel77-qemu.fragment",
+        distro_modules=(("net/netfilter", "nf_conntrack"), ("net/ipv4/netfilter", "nf_conntrack_ipv4"),
+                        ("net/ipv6/netfilter", "nf_conntrack_ipv6")),
     ),
     Recipe(
         name="rhel81",
