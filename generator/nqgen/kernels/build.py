@@ -173,21 +173,60 @@ def _qemu_config(recipe: Recipe, tree: Path, r: Runner) -> None:
     r.say("every option of the fragment is set")
 
 
+class _Steps:
+    """Steps of a full build already done in ``<key>.tmp`` (``steps.done``), so an interrupted build resumes.
+
+    The make steps are never recorded: make itself resumes them. A step is recorded only once it completed.
+    """
+
+    FILE = "steps.done"
+
+    def __init__(self, tmp: Path) -> None:
+        self.path = tmp / self.FILE
+        self.done = set(self.path.read_text().splitlines()) if self.path.is_file() else set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.done
+
+    def add(self, name: str) -> None:
+        self.done.add(name)
+        with self.path.open("a") as fh:
+            fh.write(name + "\n")
+
+
 def _build_full(recipe: Recipe, source: Path, tmp: Path, jobs: int, r: Runner) -> dict[str, object]:
-    pristine = tmp / "pristine"
-    src.materialise(source, pristine, tmp / "scratch", r)
-    _apply_patches(recipe, pristine, r)
+    steps = _Steps(tmp)
+    pristine, build = tmp / "pristine", tmp / "build"
+    if "source" not in steps:
+        for leftover in (pristine, tmp / "scratch"):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        src.materialise(source, pristine, tmp / "scratch", r)
+        steps.add("source")
+    for p in recipe.patch_files():
+        if f"patch {p.name}" not in steps:
+            r.run(["patch", "-p1", "--forward", "--batch"], pristine, f"apply {recipe.name}/{p.name}", stdin=p)
+            steps.add(f"patch {p.name}")
     mk = ["make", *recipe.make_vars]
-    r.run([*mk, "mrproper"], pristine, "make mrproper (the tree may ship stale generated files)")
+    if "mrproper" not in steps:
+        r.run([*mk, "mrproper"], pristine, "make mrproper (the tree may ship stale generated files)")
+        steps.add("mrproper")
     distro: str | None = None
     distro_mods: list[str] = []
     if recipe.distro_config:
-        _distro_tree(recipe, pristine, tmp / "distro", r)
+        if "distro" not in steps:
+            if (tmp / "distro").exists():
+                shutil.rmtree(tmp / "distro")
+            _distro_tree(recipe, pristine, tmp / "distro", r)
+            steps.add("distro")
         distro = "distro"
         distro_mods = [f"distro/{d}/{m}.ko" for d, m in recipe.distro_modules]
-    build = tmp / "build"
-    pristine.rename(build)
-    _qemu_config(recipe, build, r)
+    if "rename" not in steps:
+        pristine.rename(build)
+        steps.add("rename")
+    if "config" not in steps:
+        _qemu_config(recipe, build, r)
+        steps.add("config")
     # bzImage first: it rewrites Module.symvers with the vmlinux symbols only; modules completes it.
     r.run([*mk, f"-j{jobs}", "bzImage"], build, "make bzImage")
     r.run([*mk, f"-j{jobs}", "modules"], build, "make modules")
@@ -250,14 +289,17 @@ def build(recipe: Recipe, source: Path, *, cache: Path | None = None, jobs: int 
         if found is not None:
             return found
         tmp = root / f"{key}.tmp"
-        if tmp.exists():
+        if tmp.exists() and base is None and (tmp / _Steps.FILE).is_file():
+            say(f"resuming the unfinished build {tmp} (done: {', '.join(sorted(_Steps(tmp).done))})")
+        elif tmp.exists():
             say(f"removing the unfinished build {tmp}")
             shutil.rmtree(tmp)
         if final.exists():
             shutil.rmtree(final)
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         log = log_path(recipe, cache)
-        log.write_text(f"# nqgen kernel build {recipe.name} key {key} from {source}\n")
+        with log.open("a") as fh:
+            fh.write(f"# nqgen kernel build {recipe.name} key {key} from {source}\n")
         say(f"building {recipe.name} ({key}) from {source} in {tmp}; log {log}")
         r = Runner(log, nice, say)
         start = time.monotonic()
