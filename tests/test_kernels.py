@@ -187,6 +187,8 @@ def test_find_built_reads_only_finished_builds(tmp_path: Path) -> None:
     k = kernels.find_built("rhel81", tree, cache=tmp_path)
     assert k is not None and k.kdir == root / key / "build" and k.distro_kdir is None and k.key == key
     assert kernels.find_built("rhel81", cache=tmp_path) == k  # newest build, whatever the source
+    res = CliRunner().invoke(cli, ["kernel", "show", "rhel81", "--shell"], env={"NQGEN_CACHE": str(tmp_path)})
+    assert res.exit_code == 0 and f"KDIR={root / key / 'build'}\n" in res.output and "DISTRO_KDIR=''" in res.output
 
 
 def test_debian61_repro_is_reprokernel_with_its_own_key(tmp_path: Path) -> None:

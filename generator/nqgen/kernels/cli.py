@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -35,14 +36,19 @@ def build_cmd(recipe: str, source: Path | None, jobs: int, nice: int, cache: Pat
 @kernel.command("show")
 @click.argument("recipe", type=click.Choice(sorted(RECIPES)))
 @click.option("--cache", type=_PATH, help="Cache root (default $NQGEN_CACHE or /var/cache/nqgen).")
-def show_cmd(recipe: str, cache: Path | None) -> None:
+@click.option("--shell", is_flag=True, help="Print NAME=value lines for sh's eval instead of JSON.")
+def show_cmd(recipe: str, cache: Path | None, shell: bool) -> None:
     """Print the newest finished build of RECIPE as JSON; exit 1 when there is none."""
     k = find_built(recipe, cache=cache)
     if k is None:
         click.echo(f"nqgen: {recipe} is not built (nqgen kernel build {recipe} --source ...; "
                    f"log {log_path(RECIPES[recipe], cache)})", err=True)
         raise SystemExit(1)
-    click.echo(json.dumps(k.to_json(), indent=2))
+    if shell:
+        for name, value in k.to_json().items():
+            click.echo(f"{name.upper()}={shlex.quote(value or '')}")
+    else:
+        click.echo(json.dumps(k.to_json(), indent=2))
 
 
 @kernel.command("list")
