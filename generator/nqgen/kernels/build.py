@@ -253,8 +253,10 @@ def _build_variant(recipe: Recipe, base: BuiltKernel, tmp: Path, r: Runner) -> d
     moddir.mkdir(parents=True)
     _module_sources(base.kdir / recipe.module_dir, moddir, r)
     _apply_patches(recipe, srcroot, r)
-    r.run(["make", *recipe.make_vars, "-C", str(base.kdir), f"M={moddir}", "-j2", "modules"], moddir,
-          f"rebuild {recipe.module_dir} modules")
+    # obj-m on the command line overrides the directory's list: only the replaced modules are built
+    objs = " ".join(name.removesuffix(".ko") + ".o" for name in recipe.modules)
+    r.run(["make", *recipe.make_vars, "-C", str(base.kdir), f"M={moddir}", f"obj-m={objs}", "-j2", "modules"],
+          moddir, f"rebuild {', '.join(recipe.modules)}")
     r.run(["rsync", "-a", f"{base.root / 'modules'}/", f"{tmp / 'modules'}/"], tmp, "copy the base's modules")
     mods = tmp / "modules/lib/modules" / base.release
     for name in recipe.modules:
