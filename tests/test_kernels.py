@@ -34,7 +34,8 @@ def _tree(root: Path, version: str = "3.10.0") -> Path:
     (root / "kernel/module.c").write_text("EXPORT_SYMBOL_GPL(klp_enable_patch);\nEXPORT_SYMBOL(printk);\n")
     (root / "net/core").mkdir(parents=True)
     (root / "net/core/dev.c").write_text("#define P(name) EXPORT_SYMBOL(param_ops_##name)\n"
-                                         "#define R(size) EXPORT_SYMBOL(__asan_report_load##size##_noabort)\n")
+                                         "#define R(size) EXPORT_SYMBOL(__asan_report_load##size##_noabort)\n"
+                                         "#define T(reg) __EXPORT_THUNK(__x86_indirect_thunk_ ## reg)\n")
     return root
 
 
@@ -224,7 +225,7 @@ def test_source_exports_names_and_pasted_prefixes(tmp_path: Path) -> None:
     tree = _tree(tmp_path / "linux")
     found = scan(tree)
     assert {"klp_enable_patch", "printk"} <= found.names
-    assert found.prefixes == ("__asan_report_load", "param_ops_")
+    assert found.prefixes == ("__asan_report_load", "__x86_indirect_thunk_", "param_ops_")
     assert found.declares("param_ops_uint") and found.declares("__asan_report_load4_noabort")
     assert found.declares("printk") and not found.declares("kfree")
     with pytest.raises(InputError, match="not a kernel source tree"):

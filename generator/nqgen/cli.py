@@ -150,8 +150,8 @@ def verify(out: Path) -> None:
         params = ", ".join(c.params) or "none"
         click.echo(f"ok {c.strategy}: {c.ko.name} vermagic '{c.vermagic.strip()}', params: {params}")
         if c.from_source:
-            click.echo(f"   {len(c.from_source)} of its {len(c.undefined)} imported symbols were checked against the "
-                       "source tree's EXPORT_SYMBOL declarations only (the target has no Module.symvers)")
+            click.echo(f"   {len(c.from_source)} of its {len(c.undefined)} imports are known exported only from the "
+                       "source tree's EXPORT_SYMBOL declarations (the target has no Module.symvers)")
 
 
 def _add_lab() -> None:

@@ -3,7 +3,8 @@
 A tree prepared with ``modules_prepare`` only (what a distribution config gives before ``make modules``) has no
 Module.symvers and no vmlinux, so the kernel's export list is unknown. Its sources still declare every export:
 ``EXPORT_SYMBOL*(name)`` lines, found here with grep. Exports whose name is pasted by a macro
-(``EXPORT_SYMBOL(param_ops_##name)``, ``EXPORT_SYMBOL(__asan_report_load##size##_noabort)``) are kept as prefixes. The
+(``EXPORT_SYMBOL(param_ops_##name)``, ``EXPORT_SYMBOL(__asan_report_load##size##_noabort)``,
+``__EXPORT_THUNK(__x86_indirect_thunk_ ## reg)``) are kept as prefixes. The
 list is a superset of what a build exports (a declaration in code the config leaves out still counts), so a
 check against it says "declared exported in the source", not "exported by the build".
 """
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from .errors import InputError
 
-_PATTERN = r"EXPORT_SYMBOL[A-Z_]*[[:space:]]*\([^)]*\)"
-_NAME = re.compile(r"\(\s*([A-Za-z0-9_]+)\s*(##)?")
+# EXPORT_SYMBOL*(), EXPORT_PER_CPU_SYMBOL*(), and arch macros wrapping them (__EXPORT_THUNK(...))
+_PATTERN = r"(EXPORT_SYMBOL|EXPORT_PER_CPU_SYMBOL|__EXPORT_[A-Z]+)[A-Z_]*[[:space:]]*\([^)]*\)"
+_NAME = re.compile(r"^([A-Z_]+)[^(]*\(\s*([A-Za-z0-9_]+)\s*(##)?")
 _SKIP = ("Documentation", "tools", "scripts", "samples", "usr", ".git")
 
 
@@ -56,9 +58,10 @@ def scan(tree: Path) -> SourceExports:
         m = _NAME.search(line)
         if m is None:
             continue
-        if m.group(2):
-            if len(m.group(1)) >= 4:  # a pasted name: keep its fixed part as a prefix
-                prefixes.add(m.group(1))
+        name = m.group(2)
+        if m.group(3):
+            if len(name) >= 4:  # a pasted name: keep its fixed part as a prefix
+                prefixes.add(name)
         else:
-            names.add(m.group(1))
+            names.add(name)
     return SourceExports(tree=tree, names=frozenset(names), prefixes=tuple(sorted(prefixes)))

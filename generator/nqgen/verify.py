@@ -33,7 +33,7 @@ class KoCheck:
     unexported: tuple[str, ...]
     vermagic_ok: bool
     params: tuple[str, ...]
-    from_source: tuple[str, ...] = ()  # symbols found only as EXPORT_SYMBOL declarations in the source tree
+    from_source: tuple[str, ...] = ()  # imports the source tree declares exported (checked only that way)
 
 
 def _modinfo(elf: ELFFile) -> list[tuple[str, str]]:
@@ -68,14 +68,16 @@ def check_ko(strategy: str, ko: Path, exports: frozenset[str], vermagic: str,
         raise BuildError(f"{ko}: cannot read the built module: {exc}") from exc
     ko_vermagic = next((v for k, v in info if k == "vermagic"), "")
     params = tuple(v.split(":")[0] for k, v in info if k == "parmtype")
-    missing = [n for n in undefined if n not in exports]
-    from_source = tuple(n for n in missing if source is not None and source.declares(n))
+    # without a Module.symvers the export list may itself come from the source (probe), so every import the
+    # source declares counts as known from the source only
+    from_source = tuple(n for n in undefined if source is not None and source.declares(n))
+    missing = [n for n in undefined if n not in exports and n not in from_source]
     return KoCheck(
         strategy=strategy,
         ko=ko,
         vermagic=ko_vermagic,
         undefined=tuple(undefined),
-        unexported=tuple(n for n in missing if n not in from_source),
+        unexported=tuple(missing),
         vermagic_ok=ko_vermagic.strip() == vermagic.strip(),
         params=params,
         from_source=from_source,
