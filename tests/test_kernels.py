@@ -230,3 +230,12 @@ def test_source_exports_names_and_pasted_prefixes(tmp_path: Path) -> None:
     assert found.declares("printk") and not found.declares("kfree")
     with pytest.raises(InputError, match="not a kernel source tree"):
         scan(tmp_path)
+
+
+def test_finished_steps_survive_a_restart(tmp_path: Path) -> None:
+    steps = kbuild._Steps(tmp_path)
+    assert "source" not in steps
+    steps.add("source")
+    steps.add("patch 0001-a.patch")
+    again = kbuild._Steps(tmp_path)  # what a resumed build reads
+    assert "source" in again and "patch 0001-a.patch" in again and "config" not in again
