@@ -7,7 +7,7 @@ NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels clean
 
 all: test
 
@@ -47,6 +47,15 @@ bench: deps
 
 repro-kernel: deps
 	$(PY) -m nqgen.reprokernel
+
+# RHEL test kernels from their source trees (directories, tarballs or .src.rpm), one after the other, cached in
+# $$NQGEN_CACHE/kernels/ (nqgen kernel list shows them). Unset sources default to /var/cache/nqgen/src/<recipe>.
+RHEL77_SRC ?= /var/cache/nqgen/src/rhel77
+RHEL81_SRC ?= /var/cache/nqgen/src/rhel81
+rhel-kernels: deps
+	$(NQGEN) kernel build rhel81 --source $(RHEL81_SRC)
+	$(NQGEN) kernel build rhel81-kasan-free --source $(RHEL81_SRC)
+	$(NQGEN) kernel build rhel77 --source $(RHEL77_SRC)
 
 repro: repro-kernel
 	$(PY) -m nqgen.repro --out $(OUT)-repro

@@ -55,6 +55,11 @@ CASES = {
         # no nf_ct_seq_adjust (the old nf_ct_nat_offset API): no faithful corrected confirm; no livepatch
         frozenset({"advance-confirm-corrected", "ftrace", "hook-swap", "stop-hook", "livepatch"}),
     ),
+    # RHEL 7.7: the 7.9 module shape, livepatch through klp_register_patch (dcui/RHEL77's livepatch.h)
+    "rhel7.7": Case(
+        ELF_FIXTURES / "nf_conntrack_ipv4_rhel7.c", "nf_conntrack_ipv4.ko",
+        (vermagic("3.10.0-1062.el7.x86_64"), '-DRHELVERSION="7.7"'), "ipv4_confirm", "nf_conntrack_ipv4", False,
+    ),
     "rhel7.9": Case(
         ELF_FIXTURES / "nf_conntrack_ipv4_rhel7.c", "nf_conntrack_ipv4.ko", (), "ipv4_confirm", "nf_conntrack_ipv4",
         False,

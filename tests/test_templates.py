@@ -29,7 +29,7 @@ from test_headers import FIXTURES as HEADER_TREES
 
 GENERATIONS = sorted(CASES)
 ALL = frozenset(CASES)
-RHEL7 = frozenset({"rhel7-early", "rhel7.9"})  # 3.10: global hook lists
+RHEL7 = frozenset({"rhel7-early", "rhel7.7", "rhel7.9"})  # 3.10: global hook lists
 PERNET = ALL - RHEL7  # 4.18+: per-netns nf_hook_entries
 
 # Kernel API the generated C uses beyond the fixture headers (which hold only what nqgen's probe reads) and the

@@ -149,6 +149,9 @@ def verify(out: Path) -> None:
     for c in check_out(out):
         params = ", ".join(c.params) or "none"
         click.echo(f"ok {c.strategy}: {c.ko.name} vermagic '{c.vermagic.strip()}', params: {params}")
+        if c.from_source:
+            click.echo(f"   {len(c.from_source)} of its {len(c.undefined)} imports are known exported only from the "
+                       "source tree's EXPORT_SYMBOL declarations (the target has no Module.symvers)")
 
 
 def _add_lab() -> None:
@@ -162,6 +165,15 @@ def _add_lab() -> None:
 
 
 _add_lab()
+
+
+def _add_kernel() -> None:
+    from .kernels.cli import kernel
+
+    cli.add_command(kernel)
+
+
+_add_kernel()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nqgen import disasm, elfread, symsources
+from nqgen import disasm, elfread, srcexports, symsources
 from nqgen.elfread import ElfImage
 from nqgen.errors import ElfFormatError, InputError, NotApplicableError, SymbolError
 from nqgen.profile import ConfirmCodeFacts, ConfirmTarget, HookEntry, KernelProfile, ModuleInfo, Symbol
@@ -228,6 +228,12 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
     if inputs.symvers is not None:
         exports |= set(symsources.parse_symvers(inputs.symvers))
         sources["symvers"] = str(inputs.symvers)
+    elif inputs.kdir is not None and inputs.vmlinux is None and srcexports.is_source_tree(inputs.kdir):
+        # a tree prepared with modules_prepare only: its sources still declare every export
+        exports |= srcexports.scan(inputs.kdir).names
+        sources["source_exports"] = str(inputs.kdir)
+        warnings.append("no Module.symvers: exports are the conntrack modules' own and the source tree's "
+                        "EXPORT_SYMBOL declarations")
     else:
         warnings.append("no Module.symvers: exports are only the conntrack modules' own")
     vmlinux = None

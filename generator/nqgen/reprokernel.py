@@ -6,28 +6,29 @@ looks. The cache directory is ``$NQGEN_CACHE/repro-kernel/<key>/`` (``/var/cache
 by default), where the key hashes the source package version, the patch texts and the fragment text. A build runs in
 ``<key>.tmp`` and is renamed to ``<key>`` only when complete, so an interrupted build is never taken as done.
 
-Command line (``make repro-kernel``): ``python3 -m nqgen.reprokernel [--jobs N] [--print] [--check]``.
+Command line (``make repro-kernel``): ``python3 -m nqgen.reprokernel [--jobs N] [--print] [--check]``. The same
+kernel is the ``debian61-repro`` recipe of ``nqgen.kernels`` (``nqgen kernel build debian61-repro``); its key and
+cache directory stay the ones defined here.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
 from .errors import BuildError, InputError
+from .kernels.kconfig import merge_config, missing_options, parse_config
+from .kernels.runner import Runner, locked, sayer
 
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -50,8 +51,8 @@ BUILD_PACKAGES = ("linux-source-6.1", "build-essential", "bc", "bison", "flex", 
 _TOOLS = {"make": "make", "gcc": "gcc", "patch": "patch", "tar": "tar", "xz": "xz-utils", "bc": "bc",
           "bison": "bison", "flex": "flex", "depmod": "kmod", "perl": "perl"}
 
-_CONFIG_SET = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
-_CONFIG_UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
+__all__ = ["Inputs", "ReproKernel", "ensure_built", "find_built", "load_inputs", "merge_config", "missing_options",
+           "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -138,53 +139,10 @@ def load_inputs(tarball: Path = SOURCE_TARBALL, patches: Sequence[Path] = PATCH_
                   fragment_text=_read(fragment, "config fragment"))
 
 
-# --- the config fragment -------------------------------------------------------------------------------------
-
-
-def parse_config(text: str) -> dict[str, str | None]:
-    """Kconfig assignments of a .config or fragment: name -> value, None for "is not set"."""
-    out: dict[str, str | None] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if m := _CONFIG_SET.match(line):
-            out[m.group(1)] = m.group(2)
-        elif m := _CONFIG_UNSET.match(line):
-            out[m.group(1)] = None
-    return out
-
-
-def merge_config(base: str, fragment: str) -> str:
-    """``base`` with every symbol the fragment names replaced by the fragment's line (appended at the end)."""
-    wanted = parse_config(fragment)
-    kept = []
-    for line in base.splitlines():
-        m = _CONFIG_SET.match(line.strip()) or _CONFIG_UNSET.match(line.strip())
-        if m is None or m.group(1) not in wanted:
-            kept.append(line)
-    for name, value in wanted.items():
-        kept.append(f"{name}={value}" if value is not None else f"# {name} is not set")
-    return "\n".join(kept) + "\n"
-
-
-def missing_options(config: str, fragment: str) -> list[str]:
-    """Fragment lines the final .config does not honour, as "CONFIG_X=want (got ...)"."""
-    have = parse_config(config)
-    bad = []
-    for name, want in parse_config(fragment).items():
-        got = have.get(name)
-        if want is None or want == "n":
-            if got not in (None, "n"):
-                bad.append(f"{name} not set (got {got})")
-        elif got != want:
-            bad.append(f"{name}={want} (got {got if got is not None else 'unset'})")
-    return bad
-
-
 # --- the build -----------------------------------------------------------------------------------------------
 
 
-def _say(msg: str) -> None:
-    print(f"[repro-kernel {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+_say = sayer("repro-kernel")
 
 
 def _check_tools() -> None:
@@ -192,63 +150,6 @@ def _check_tools() -> None:
                       if shutil.which(tool) is None and not Path("/sbin", tool).exists()})
     if missing:
         raise BuildError(f"build tools missing: apt-get install {' '.join(missing)}")
-
-
-class _Runner:
-    """Runs build steps with their output appended to the log, printing progress."""
-
-    def __init__(self, log: Path, nice: int) -> None:
-        self.log = log
-        self.nice = nice
-
-    def run(self, argv: Sequence[str], cwd: Path, what: str, stdin: Path | None = None,
-            capture: bool = False) -> str:
-        cmd = list(argv)
-        if self.nice and cmd[0] == "make":
-            cmd = ["nice", "-n", str(self.nice), *cmd]
-        _say(f"{what}: {' '.join(cmd)}")
-        start = time.monotonic()
-        with self.log.open("a") as log:
-            log.write(f"\n### {what}: {' '.join(cmd)} (in {cwd})\n")
-            log.flush()
-            fin = stdin.open("rb") if stdin is not None else subprocess.DEVNULL
-            try:
-                try:
-                    proc = subprocess.Popen(cmd, cwd=cwd, stdin=fin,
-                                            stdout=subprocess.PIPE if capture else log,
-                                            stderr=log, text=True)
-                except OSError as exc:
-                    raise BuildError(f"{what}: cannot run {cmd[0]}: {exc.strerror}") from exc
-                out = ""
-                if capture:
-                    out, _ = proc.communicate()
-                else:
-                    last = start
-                    while proc.poll() is None:
-                        time.sleep(1)
-                        if time.monotonic() - last >= 60:
-                            last = time.monotonic()
-                            _say(f"{what}: running {int(last - start) // 60} min, "
-                                 f"log {self.log.stat().st_size // 1024} KiB")
-            finally:
-                if stdin is not None and not isinstance(fin, int):
-                    fin.close()
-        if proc.returncode != 0:
-            raise BuildError(f"{what} failed (exit {proc.returncode}); see {self.log}")
-        _say(f"{what}: done in {time.monotonic() - start:.0f} s")
-        return out
-
-
-@contextmanager
-def _locked(root: Path, key: str) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / f"{key}.lock").open("w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say(f"another build of {key} is running; waiting for it")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
 
 
 def _from_meta(final: Path) -> ReproKernel | None:
@@ -271,7 +172,7 @@ def _relink(modules_dir: Path) -> None:
     (modules_dir / "build").symlink_to(Path("../../../../build"))
 
 
-def _extract(inputs: Inputs, tmp: Path, r: _Runner) -> None:
+def _extract(inputs: Inputs, tmp: Path, r: Runner) -> None:
     r.run(["tar", "-xJf", str(inputs.tarball), "-C", str(tmp)], tmp, "extract source")
     tops = [p for p in tmp.iterdir() if p.is_dir() and p.name.startswith("linux")]
     if len(tops) != 1:
@@ -285,7 +186,7 @@ def _extract(inputs: Inputs, tmp: Path, r: _Runner) -> None:
 def _build(inputs: Inputs, tmp: Path, jobs: int, nice: int) -> str:
     """Build into ``tmp`` (already empty); returns the kernel release."""
     log = tmp / LOG_FILE
-    r = _Runner(log, nice)
+    r = Runner(log, nice, _say)
     (tmp / "inputs").mkdir()
     for name, text in inputs.patches:
         (tmp / "inputs" / name).write_text(text)
@@ -332,7 +233,7 @@ def ensure_built(cache_root: Path | None = None, jobs: int = 2, *, inputs: Input
     if found is not None:
         return found
     _check_tools()
-    with _locked(root, inputs.key):
+    with locked(root, inputs.key, _say):
         found = _from_meta(final)  # another process may have finished it while we waited
         if found is not None:
             return found
