@@ -171,8 +171,22 @@ def _check_livepatch(profile: KernelProfile) -> Feasibility:
     untraceable = [profile.confirm[x].function for x in families if not profile.confirm[x].traceable]
     if untraceable:
         return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
-    names = ", ".join(profile.confirm[x].function for x in families)
-    return Feasibility(True, f"replaces {names} in object {profile.confirm['ipv4'].module}", covers=families)
+    # 3.10/4.18 keep ipv4_confirm and ipv6_confirm in two modules: one klp object each
+    objects: dict[str, list[str]] = {}
+    for x in families:
+        objects.setdefault(profile.confirm[x].module, []).append(profile.confirm[x].function)
+    where = "; ".join(f"{', '.join(fns)} in object {obj}" for obj, fns in objects.items())
+    return Feasibility(True, f"replaces {where}", covers=families)
+
+
+def on_target(text: str, profile: KernelProfile) -> str:
+    """A strategy's description as it applies to the target: where hooks sit in one global table (3.10's
+    nf_register_hooks), they are not registered per netns."""
+    if profile.features.registration != "global":
+        return text
+    return text.replace(" in every netns", " in the global hook table (one for every netns)").replace(
+        "(pernet)", "(global)"
+    )
 
 
 NAT_RISK = (
