@@ -192,6 +192,7 @@ def test_comparison_counts_stale_uses_as_evidence_and_judges_the_replacing_strat
     text = markdown(summaries, lab, problems, "Reproduction on RHEL 7.7")
     assert "| no mitigation | no | 1 | 1 | 300.0 ± 0.0 | 0.0 ± 0.0 | 510.0 ± 0.0 |" in text
     assert "nqlab_detect" in text and "**Unexpected:**" in text
+    assert "- baseline: 30 stale use(s) over 1 boot(s) (ipv4 30, ipv6 0)" in text
     lab["runs"] = [_run_dict("baseline", None, 0, None)]
     assert judge(summarize(lab))[0].startswith("no baseline showed the bug")
     lab["runs"] = [_run_dict("baseline", None, 0, None, kasan=2)]

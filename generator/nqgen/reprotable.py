@@ -29,6 +29,7 @@ class ConfigSummary:
     reports: int = 0
     per_boot_reports: list[int] = field(default_factory=list)
     per_boot_stale: list[int] = field(default_factory=list)  # only boots where the detector ran
+    stale_by_family: dict[str, int] = field(default_factory=dict)
     flows: int = 0
     clashres: list[int] = field(default_factory=list)  # the detector's clashes where it ran, else clashres
     clash_source: str = ""
@@ -84,6 +85,8 @@ def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
         stale = d.get("stale_uses")
         if stale is not None:
             s.per_boot_stale.append(int(stale))
+            for fam, n in (d.get("stale_by_family") or {}).items():
+                s.stale_by_family[fam] = s.stale_by_family.get(fam, 0) + int(n)
         if reports:
             s.boots_with_reports += 1
             if not s.first_report:
@@ -185,6 +188,9 @@ def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list
                                     else "the detector's count where it ran, else conntrack's clashres") + ".")
         lines.append("")
     for s in summaries:
+        if s.stale:
+            fams = ", ".join(f"{fam} {n}" for fam, n in s.stale_by_family.items())
+            lines.append(f"- {s.name}: {s.stale} stale use(s) over {s.boots} boot(s) ({fams})")
         if s.first_frames:
             lines.append(f"- {s.name}: `{s.first_report}`; top frames: {', '.join(s.first_frames)}")
     lines.append("")
