@@ -143,6 +143,8 @@ def _detector_line(lab: dict[str, Any]) -> str:
     guest = lab.get("guest") or {}
     if not guest:
         return ""
+    if not guest.get("detector_used", True):
+        return "The stale-use detector was not loaded (--no-detector)."
     if guest.get("detector"):
         return ("Stale uses: the lab's detector `nqlab_detect` (kretprobe on `__nf_conntrack_confirm`: a clash is"
                 " NF_ACCEPT with the skb's entry switched; kprobe on `nf_ct_deliver_cached_events`: a call on an"

@@ -358,7 +358,9 @@ def lab_json(lab: LabRun) -> dict[str, Any]:
             "flows": w.rounds * len(w.families),
             "datagrams": w.rounds * len(w.families) * w.threads,
         },
-        "guest": None if lab.guest_api is None else lab.guest_api.to_json(),
+        "guest": None if lab.guest_api is None else {
+            **lab.guest_api.to_json(), "detector_used": lab.guest_api.detector and c.detector
+        },
         "runs": [r.to_dict() for r in lab.runs],
         "ok": not lab.failed,
         "failed": [r.name for r in lab.failed],
