@@ -18,6 +18,7 @@ import pytest
 from conftest import DebianKernel
 from elffixtures import build_module as build_fixture
 from nqgen import compare, strategies
+from nqgen.errors import EXIT_LAB
 from nqgen.lab import guestapi
 from nqgen.lab.build import DETECTOR_MODULE, HELPER_MODULE, build_detector, build_helper, guest_source
 from nqgen.lab.guest import DETECTOR_COUNTS, GuestModule, GuestPlan, Workload, render_init
@@ -222,3 +223,56 @@ def test_pernet_kernels_keep_the_per_netns_wording(debian: DebianKernel) -> None
     rows = {r["strategy"]: r for r in compare.static_rows(profile, results)}
     assert "in every netns" in rows["stop-hook"]["touches"]
     assert results["livepatch"].reason.endswith("in object nf_conntrack")
+
+
+# A module that makes one event delivery on an entry whose refcount is 0, safely: a freshly allocated entry
+# (use 0 until it is attached to a packet) without an extension area, so nf_ct_deliver_cached_events() finds no
+# event cache and returns; then it is freed. The detector must count exactly this one stale use.
+STALE_ONCE_MODULE = r"""
+#include <linux/module.h>
+#include <net/net_namespace.h>
+#include <net/netfilter/nf_conntrack.h>
+#include <net/netfilter/nf_conntrack_ecache.h>
+#include <net/netfilter/nf_conntrack_zones.h>
+
+static int __init nqtest_stale_init(void)
+{
+	struct nf_conntrack_tuple tuple = { .src.l3num = NFPROTO_IPV4, .dst.protonum = IPPROTO_UDP };
+	struct nf_conn *ct;
+
+	ct = nf_conntrack_alloc(&init_net, &nf_ct_zone_dflt, &tuple, &tuple, GFP_KERNEL);
+	if (IS_ERR(ct))
+		return PTR_ERR(ct);
+	nf_ct_deliver_cached_events(ct);
+	nf_conntrack_free(ct);
+	return 0;
+}
+
+static void __exit nqtest_stale_exit(void)
+{
+}
+
+module_init(nqtest_stale_init);
+module_exit(nqtest_stale_exit);
+MODULE_LICENSE("GPL");
+"""
+
+
+@pytest.mark.vm
+def test_detector_counts_a_delivery_to_a_released_entry_on_the_debian_kernel(
+    debian: DebianKernel, tmp_path: Path
+) -> None:
+    from test_lab import _lab, _module_out, needs_vm
+
+    if needs_vm.args[0]:
+        pytest.skip(needs_vm.kwargs["reason"])
+    out = tmp_path / "out"
+    _module_out(out, "stale-once", "nqtest_stale", STALE_ONCE_MODULE, debian.kdir, [])
+    proc = _lab(out, "--rounds", "20", "--no-baselines")
+    assert proc.returncode == EXIT_LAB, proc.stderr  # a stale use fails a mitigation like a kernel report
+    (run,) = json.loads((out / "lab.json").read_text())["runs"]
+    d = run["derived"]
+    assert d["loaded"] and d["detector_loaded"] and d["fault_count"] == 0
+    assert (d["stale_uses"], d["stale_by_family"]) == (1, {"ipv4": 1, "ipv6": 0})
+    assert d["verdict"] == "fault" and "1 stale use(s) of released conntrack entries (nqlab_detect)" in d["problems"]
+    assert "nqlab_detect: stale use: nf_ct_deliver_cached_events() on a released ipv4 entry" in run["kernel_log"]
