@@ -103,7 +103,8 @@ def run(
     lab_args: tuple[str, ...] = (),
     recipe: str = DEFAULT_RECIPE,
 ) -> list[str]:
-    target = ensure_target(recipe, jobs)
+    # a finished build of the recipe is used as it is; only when there is none is one built
+    target = find_target(recipe) or ensure_target(recipe, jobs)
     modules = find_conntrack_modules(target.modules_dir)
     if not modules:
         raise BuildError(f"{target.modules_dir} has no conntrack module: the {recipe} kernel build is incomplete")
