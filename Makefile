@@ -7,7 +7,7 @@ NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel clean
 
 all: test
 
@@ -60,5 +60,11 @@ rhel-kernels: deps
 repro: repro-kernel
 	$(PY) -m nqgen.repro --out $(OUT)-repro
 
+# The same comparison on RHEL 7.7, RHEL 8.1 and RHEL 8.1 with the extension freed at once (builds each kernel
+# from its source under $(NQGEN_CACHE)/src when not cached: see README, "CentOS 7 and 8 for real").
+RHEL_RECIPES ?= rhel77 rhel81 rhel81-kasan-free
+repro-rhel: deps
+	for r in $(RHEL_RECIPES); do $(PY) -m nqgen.repro --recipe $$r --out $(OUT)-repro-$$r || exit 1; done
+
 clean:
-	rm -rf $(OUT) $(OUT)-repro .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ from typing import Any
 
 from .lab import report
 from .profile import KernelProfile
-from .strategies import STRATEGIES, Feasibility
+from .strategies import STRATEGIES, Feasibility, on_target
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "COMPARISON.md"
@@ -33,9 +33,9 @@ def static_rows(profile: KernelProfile, results: dict[str, Feasibility]) -> list
                 "feasible": r.feasible,
                 "reason": r.reason,
                 "covers": list(r.covers),
-                "touches": s.touches,
+                "touches": on_target(s.touches, profile),
                 "needs": s.needs,
-                "undo": s.undo,
+                "undo": on_target(s.undo, profile),
                 "risks": list(s.risks) + list(r.notes),
             }
         )

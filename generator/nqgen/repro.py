@@ -1,166 +1,96 @@
-"""``make repro``: the crash on the vulnerable reference kernel, and which strategy stops it.
+"""``make repro``: the crash on a vulnerable kernel, and which strategy stops it.
 
-Builds (or takes from the cache) the reference kernel, generates every strategy against its own
-nf_conntrack.ko and build tree, builds them, runs the lab on that kernel with and without NFQUEUE in the path,
-several boots per configuration, and judges the result: the baseline must reproduce the KASAN report, the
-strategies that replace the confirm must show none. ``advance-confirm`` is measured, not judged: it still runs
+Builds (or takes from the cache) the kernel of a recipe — the Debian 6.1 reference kernel by default, or a
+kernel of the builder (``nqgen.kernels``: RHEL 7.7, RHEL 8.1, RHEL 8.1 with the extension freed at once) —
+generates every strategy against its own conntrack modules and build tree, builds them, runs the lab on that
+kernel with and without NFQUEUE in the path, several boots per configuration, and judges the result
+(``reprotable``): a baseline must show the bug (a KASAN report or a stale use seen by the lab's detector), the
+strategies that replace the confirm must show neither. ``advance-confirm`` is measured, not judged: it still runs
 the unfixed confirm and the comparison says how often it faults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
-import math
-import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 
 from . import reprokernel
 from .errors import BuildError, LabError, NqgenError
 from .generate import generate
-from .probe import build_profile, default_inputs
+from .probe import build_profile, default_inputs, find_conntrack_modules
+from .reprotable import REPLACING, ConfigSummary, judge, markdown, summarize
 
-REPLACING = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+__all__ = ["REPLACING", "REPRO_MD", "ConfigSummary", "Target", "ensure_target", "find_target", "judge", "markdown",
+           "run", "summarize"]
+
 REPRO_MD = "REPRO.md"
+DEFAULT_RECIPE = "debian61-repro"
+DEBIAN_TITLE = "Reproduction on the vulnerable reference kernel"
 
 
-@dataclass
-class ConfigSummary:
-    """One configuration (a baseline or a strategy, with or without NFQUEUE) over its repeated boots."""
+@dataclass(frozen=True)
+class Target:
+    """A built kernel to run the comparison on: what the lab and the generator need of it."""
 
-    name: str
-    strategy: str | None
-    nfqueue: bool
-    boots: int = 0
-    boots_with_reports: int = 0
-    reports: int = 0
-    per_boot_reports: list[int] = field(default_factory=list)
-    flows: int = 0
-    clashres: list[int] = field(default_factory=list)
-    corrected: list[int] = field(default_factory=list)
-    lost: int = 0
-    unload_failures: int = 0
-    first_report: str = ""
-    first_frames: list[str] = field(default_factory=list)
+    recipe: str
+    title: str  # heading of the REPRO.md section
+    release: str
+    image: Path  # bzImage
+    modules_dir: Path
+    kdir: Path  # the build tree of the kernel that boots (modules are built against it)
 
+
+class _Built(Protocol):
     @property
-    def reports_per_10k(self) -> float:
-        return 10000.0 * self.reports / self.flows if self.flows else math.nan
-
-    def _per_10k(self, counts: list[int]) -> tuple[float, float]:
-        """Mean and sample standard deviation over boots of ``counts`` per 10 000 flows."""
-        if not counts or not self.flows:
-            return (math.nan, math.nan)
-        per_boot_flows = self.flows / self.boots
-        rates = [10000.0 * c / per_boot_flows for c in counts]
-        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-        return (statistics.fmean(rates), sd)
-
-    def clashes_per_10k(self) -> tuple[float, float]:
-        return self._per_10k(self.clashres)
-
-    def reports_per_10k_spread(self) -> tuple[float, float]:
-        return self._per_10k(self.per_boot_reports)
+    def release(self) -> str: ...
+    @property
+    def image(self) -> Path: ...
+    @property
+    def modules_dir(self) -> Path: ...
+    @property
+    def kdir(self) -> Path: ...
 
 
-def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
-    flows_per_boot = int(lab["workload"]["flows"])
-    out: dict[str, ConfigSummary] = {}
-    for run in lab["runs"]:
-        s = out.setdefault(run["name"], ConfigSummary(run["name"], run.get("strategy"), bool(run["nfqueue"])))
-        d = run["derived"]
-        s.boots += 1
-        s.flows += flows_per_boot
-        kasan = [f for f in run["faults"] if f["kind"] in ("KASAN", "BUG", "Oops", "WARNING", "panic")]
-        s.reports += len(kasan)
-        s.per_boot_reports.append(len(kasan))
-        if kasan:
-            s.boots_with_reports += 1
-            if not s.first_report:
-                s.first_report = kasan[0]["title"]
-                s.first_frames = list(kasan[0].get("frames", []))[:5]
-        ct = d.get("workload_ct") or {}
-        if "clashres" in ct:
-            s.clashres.append(int(ct["clashres"]))
-        if d.get("corrected_calls") is not None:
-            s.corrected.append(int(d["corrected_calls"]))
-        s.lost += int(d.get("lost") or 0)
-        if run["kind"] == "mitigation" and d.get("unloaded") is False:
-            s.unload_failures += 1
-    return list(out.values())
+def _target(recipe: str, title: str, built: _Built) -> Target:
+    return Target(recipe, title, built.release, built.image, built.modules_dir, built.kdir)
 
 
-def judge(summaries: list[ConfigSummary]) -> list[str]:
-    """What contradicts the expected result; empty when the comparison shows what it exists for."""
-    problems = []
-    baseline = [s for s in summaries if s.strategy is None and not s.nfqueue]
-    if not baseline or not any(s.reports for s in baseline):
-        problems.append("the baseline did not reproduce the use-after-free report: the kernel may not be vulnerable")
-    for s in summaries:
-        if s.strategy in REPLACING:
-            if s.reports:
-                problems.append(f"{s.name}: {s.reports} kernel report(s), first: {s.first_report}")
-            if s.unload_failures:
-                problems.append(f"{s.name}: failed to unload in {s.unload_failures} boot(s)")
-        if s.strategy in REPLACING and not any(s.corrected):
-            problems.append(f"{s.name}: the corrected confirm never ran")
-    return problems
+def _kernels() -> Any:
+    """The kernel builder package (``nqgen.kernels``), which builds the RHEL recipes."""
+    try:
+        return importlib.import_module("nqgen.kernels")
+    except ModuleNotFoundError as exc:
+        raise BuildError(f"kernel recipes other than {DEFAULT_RECIPE} need the kernel builder (nqgen.kernels)") from exc
 
 
-def _fmt(x: float, digits: int = 1) -> str:
-    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+def find_target(recipe: str = DEFAULT_RECIPE) -> Target | None:
+    """The built kernel of ``recipe``, or None when it is not built (never builds)."""
+    if recipe == DEFAULT_RECIPE:
+        rk = reprokernel.find_built()
+        return None if rk is None else _target(recipe, DEBIAN_TITLE, rk)
+    kernels = _kernels()
+    built = kernels.find_built(recipe)
+    return None if built is None else _target(recipe, _title(kernels, recipe), built)
 
 
-def _machine(lab: dict[str, Any]) -> str:
-    m = lab.get("machine", {})
-    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('qemu', 'qemu')}"
+def ensure_target(recipe: str = DEFAULT_RECIPE, jobs: int = 2) -> Target:
+    """The built kernel of ``recipe``, building it when it is not in the cache."""
+    if recipe == DEFAULT_RECIPE:
+        return _target(recipe, DEBIAN_TITLE, reprokernel.ensure_built(jobs=jobs))
+    kernels = _kernels()
+    return _target(recipe, _title(kernels, recipe), kernels.ensure_built(recipe, jobs=jobs))
 
 
-def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list[str]) -> str:
-    w = lab["workload"]
-    k = lab["kernel"]
-    lines = [
-        "## Reproduction on the vulnerable reference kernel",
-        "",
-        f"Kernel `{k['release']}` (Debian linux-source-6.1 with the re-fetch fix reverted, KASAN), qemu TCG,"
-        f" {lab['vm'].get('smp', 2)} vCPUs, {lab['vm'].get('memory', '?')}; {lab['date']}; host: {_machine(lab)}.",
-        f"Workload per boot: {w['rounds']} flows per family ({', '.join(w['families'])}), {w['threads']} racing"
-        f" senders each, ctnetlink listener subscribed; NFQUEUE consumers hold packets {w['queue_delay_us']} us."
-        f" Boots per configuration: {lab['repeat']}.",
-        "",
-        "| configuration | NFQUEUE | boots | boots with a report | reports per 10k flows (mean ± sd) |"
-        " clashes per 10k flows (mean ± sd) | corrected confirms | lost | first report |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summaries:
-        mean, sd = s.clashes_per_10k()
-        rmean, rsd = s.reports_per_10k_spread()
-        corrected = "-" if not s.corrected else f"{statistics.fmean(s.corrected):.0f}/boot"
-        lines.append(
-            f"| {s.strategy or 'no mitigation'} | {'yes' if s.nfqueue else 'no'} | {s.boots} | {s.boots_with_reports}"
-            f" | {_fmt(rmean)} ± {_fmt(rsd)} | {_fmt(mean)} ± {_fmt(sd)} | {corrected} | {s.lost}"
-            f" | {s.first_report.replace('|', '/') or 'none'} |"
-        )
-    lines.append("")
-    for s in summaries:
-        if s.first_frames:
-            lines.append(f"- {s.name}: `{s.first_report}`; top frames: {', '.join(s.first_frames)}")
-    lines.append("")
-    if problems:
-        lines.append("**Unexpected:** " + "; ".join(problems))
-    else:
-        lines.append(
-            "The baseline reproduces the use-after-free; every strategy that replaces the confirm ("
-            + ", ".join(REPLACING)
-            + ") shows none over the same workload."
-        )
-    return "\n".join(lines) + "\n"
+def _title(kernels: Any, recipe: str) -> str:
+    return f"Reproduction on {kernels.get_recipe(recipe).summary} (recipe `{recipe}`)"
 
 
 def run(
@@ -171,29 +101,31 @@ def run(
     strategies: tuple[str, ...] = (),
     nfqueue_variants: bool = True,
     lab_args: tuple[str, ...] = (),
+    recipe: str = DEFAULT_RECIPE,
 ) -> list[str]:
-    rk = reprokernel.ensure_built(jobs=jobs)
-    modules = sorted((rk.modules_dir / "kernel/net/netfilter").glob("nf_conntrack.ko*"))
+    # a finished build of the recipe is used as it is; only when there is none is one built
+    target = find_target(recipe) or ensure_target(recipe, jobs)
+    modules = find_conntrack_modules(target.modules_dir)
     if not modules:
-        raise BuildError(f"{rk.modules_dir} has no nf_conntrack.ko: the reference kernel build is incomplete")
-    system_map = rk.kdir / "System.map"
+        raise BuildError(f"{target.modules_dir} has no conntrack module: the {recipe} kernel build is incomplete")
+    system_map = target.kdir / "System.map"
     inputs = dataclasses.replace(
-        default_inputs(kdir=rk.kdir),
+        default_inputs(kdir=target.kdir),
         modules=modules,
         system_map=system_map if system_map.is_file() else None,
-        config=rk.kdir / ".config",
+        config=target.kdir / ".config",
     )
     profile = build_profile(inputs)
     if profile.features.fix_present:
-        raise BuildError(f"the reference kernel {profile.release} carries the fix: the revert patch did not apply")
-    generate(profile, "all", out, str(rk.kdir), argv=("repro",), say=click.echo)
+        raise BuildError(f"the {recipe} kernel {profile.release} carries the fix: nothing to reproduce")
+    generate(profile, "all", out, str(target.kdir), argv=("repro", "--recipe", recipe), say=click.echo)
     nqgen = [sys.executable, "-m", "nqgen"]
     make = subprocess.run(["make", "-C", str(out), f"-j{jobs}", "NQGEN=" + " ".join(nqgen)], check=False)
     if make.returncode != 0:
-        raise BuildError(f"make -C {out} failed for the reference kernel")
+        raise BuildError(f"make -C {out} failed for the {recipe} kernel")
     lab_cmd = [
-        *nqgen, "lab", "--out", str(out), "--kernel", str(rk.vmlinux), "--modules-dir", str(rk.modules_dir),
-        "--kdir", str(rk.kdir), "--memory", "1G", "--repeat", str(repeat), "--rounds", str(rounds),
+        *nqgen, "lab", "--out", str(out), "--kernel", str(target.image), "--modules-dir", str(target.modules_dir),
+        "--kdir", str(target.kdir), "--memory", "1G", "--repeat", str(repeat), "--rounds", str(rounds),
         *(["--nfqueue-variants"] if nfqueue_variants else []),
         *(a for name in strategies for a in ("--strategy", name)),
         *lab_args,
@@ -206,7 +138,7 @@ def run(
     lab = json.loads(lab_path.read_text())
     summaries = summarize(lab)
     problems = judge(summaries)
-    text = markdown(summaries, lab, problems)
+    text = markdown(summaries, lab, problems, target.title)
     (out / REPRO_MD).write_text(text)
     click.echo(text)
     return problems
@@ -219,6 +151,9 @@ def run(
 @click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True, help="make -j for the kernel.")
 @click.option("--strategy", "strategies", multiple=True, help="Measure only these strategies (repeatable).")
 @click.option("--nfqueue-variants/--no-nfqueue-variants", default=True, show_default=True)
+@click.option("--recipe", default=DEFAULT_RECIPE, show_default=True,
+              help="Kernel to run on: debian61-repro (make repro-kernel) or a recipe of the kernel builder"
+                   " (rhel77, rhel81, rhel81-kasan-free).")
 @click.argument("lab_args", nargs=-1)
 def main(
     out: Path,
@@ -227,11 +162,12 @@ def main(
     jobs: int,
     strategies: tuple[str, ...],
     nfqueue_variants: bool,
+    recipe: str,
     lab_args: tuple[str, ...],
 ) -> None:
-    """Build the reference kernel if needed and run the whole crash comparison on it."""
+    """Build the kernel if needed and run the whole crash comparison on it."""
     try:
-        problems = run(out, repeat, rounds, jobs, strategies, nfqueue_variants, lab_args)
+        problems = run(out, repeat, rounds, jobs, strategies, nfqueue_variants, lab_args, recipe)
     except NqgenError as exc:
         click.echo(f"nqgen repro: error: {exc}", err=True)
         sys.exit(exc.exit_code)

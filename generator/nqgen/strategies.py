@@ -264,17 +264,29 @@ def _check_livepatch(profile: KernelProfile) -> Feasibility:
     untraceable = [profile.confirm[x].function for x in families if not profile.confirm[x].traceable]
     if untraceable:
         return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
-    names = ", ".join(profile.confirm[x].function for x in families)
+    # 3.10/4.18 keep ipv4_confirm and ipv6_confirm in two modules: one klp object each
+    objects: dict[str, list[str]] = {}
+    for x in families:
+        objects.setdefault(profile.confirm[x].module, []).append(profile.confirm[x].function)
     if patch_nf_confirm(profile):
-        names += ", nf_confirm"
+        objects.setdefault(profile.confirm["ipv4"].module, []).append("nf_confirm")
+    where = "; ".join(f"{', '.join(fns)} in object {obj}" for obj, fns in objects.items())
     notes = (
         *_patched_notes(profile),
         "protection starts when the enable transition has finished (transition reads 0), not at insmod",
         f"hard dependency on {profile.confirm['ipv4'].module} (it calls its exports): the module must be loaded "
         "first, so the klp object is never deferred to a later load of that module",
     )
-    return Feasibility(
-        True, f"replaces {names} in object {profile.confirm['ipv4'].module}", covers=families, notes=notes
+    return Feasibility(True, f"replaces {where}", covers=families, notes=notes)
+
+
+def on_target(text: str, profile: KernelProfile) -> str:
+    """A strategy's description as it applies to the target: where hooks sit in one global table (3.10's
+    nf_register_hooks), they are not registered per netns."""
+    if profile.features.registration != "global":
+        return text
+    return text.replace(" in every netns", " in the global hook table (one for every netns)").replace(
+        "(pernet)", "(global)"
     )
 
 

@@ -104,6 +104,8 @@ def _progress(verbose: bool) -> Any:
               help="Also run each strategy that does not queue with all UDP sent through NFQUEUE.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json to stdout instead of the table.")
 @click.option("--append", default="", help="Extra kernel command line.")
+@click.option("--detector/--no-detector", default=True, show_default=True,
+              help="Load the stale-use detector (nqlab_detect) where the kernel allows it.")
 def lab(
     out: Path,
     kernel: Path | None,
@@ -122,6 +124,7 @@ def lab(
     nfqueue_variants: bool,
     as_json: bool,
     append: str,
+    detector: bool,
 ) -> None:
     """Boot the kernel under qemu (TCG): baselines, then one boot per generated strategy, and report."""
     if not out.is_dir():
@@ -153,6 +156,7 @@ def lab(
         nfqueue_variants=nfqueue_variants,
         logs_dir=out / "lab-logs",
         append=append,
+        detector=detector,
     )
     click.echo(
         f"lab: {image.release} ({image.boot_mode}), {len(manifests)} strategies"

@@ -19,6 +19,7 @@ MAX_ROUNDS = 40000
 EXIT_DONE = 0  # qemu exits with (v << 1) | 1 = 1
 EXIT_DEP_FAILED = 3
 EXIT_HELPER_FAILED = 4
+DETECTOR_COUNTS = "/sys/module/nqlab_detect/parameters/counts"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class GuestPlan:
     bridge: bool = False  # after the workload, ping out through a bridge (nf_conntrack_bridge calls nf_confirm)
     queue_base: int | None = None  # the NFQUEUE consumer binds queue_base..queue_base+queue_count-1
     queue_count: int = 0
+    detector: GuestModule | None = None  # the stale-use detector, loaded after the kernel's modules
 
 
 _PRELUDE = r"""#!/bin/sh
@@ -131,6 +133,12 @@ traffic() {
 	cat /tmp/traffic.json > $R
 	emit "{\"type\":\"program\",\"name\":\"$1\",\"rc\":$rc,\"stderr_b64\":\"$(b64 /tmp/traffic.err)\"}"
 }
+detector() {
+	[ -n "$DET" ] || return 0
+	c=$(cat __COUNTS__ 2>/dev/null)
+	[ -n "$c" ] || c=null
+	emit "{\"type\":\"detector\",\"phase\":\"$1\",\"counts\":$c}"
+}
 wait_file() {
 	i=0
 	while [ ! -e "$1" ] && [ $i -lt 250 ]; do usleep 20000; i=$((i + 1)); done
@@ -146,7 +154,7 @@ def _q(value: str) -> str:
 def render_init(plan: GuestPlan) -> str:
     """The /init script for one boot."""
     w = plan.workload
-    lines = [_PRELUDE.replace("__TTY__", RESULT_TTY)]
+    lines = [_PRELUDE.replace("__TTY__", RESULT_TTY).replace("__COUNTS__", DETECTOR_COUNTS)]
     lines.append(f"RUN={_q(plan.run)}")
     lines.append(f"THREADS={w.threads}")
     lines.append(f"FAMILIES={_q(w.families)}")
@@ -163,6 +171,10 @@ def render_init(plan: GuestPlan) -> str:
         opt = "true" if mod.optional else "false"
         cmd = f"load dep {_q(mod.name)} {_q(mod.path)} {opt}"
         lines.append(cmd if mod.optional else f"{cmd} || finish {EXIT_DEP_FAILED}")
+    lines.append("DET=")
+    if plan.detector is not None:
+        d = plan.detector
+        lines.append(f"load detector {_q(d.name)} {_q(d.path)} true && DET=1")
     lines.append("/bin/nq_ctevents -r /tmp/ev.ready > /tmp/ev.json 2>&1 &")
     lines.append("EV=$!")
     lines.append('wait_file /tmp/ev.ready || emit "{\\"type\\":\\"error\\",\\"what\\":\\"ctevents-not-ready\\"}"')
@@ -180,6 +192,7 @@ def render_init(plan: GuestPlan) -> str:
         lines.append("Q=$!")
         lines.append('wait_file /tmp/q.ready || emit "{\\"type\\":\\"error\\",\\"what\\":\\"queue-not-ready\\"}"')
     lines.append("ctstat before")
+    lines.append("detector before")
     lines.append("taint before")
     lines.append("MIT=0")
     if plan.mitigation is not None:
@@ -197,6 +210,7 @@ def render_init(plan: GuestPlan) -> str:
     lines.append(f"traffic workload {w.rounds} {WORKLOAD_DPORT} {SPORT_BASE} $THREADS")
     lines.append("counters workload")
     lines.append("ctstat workload")
+    lines.append("detector workload")
     lines.append("taint workload")
     if plan.mitigation is not None and plan.bridge:
         lines.append(_bridge_block(plan))
@@ -213,6 +227,7 @@ def render_init(plan: GuestPlan) -> str:
     lines.append("wait")
     lines.append("[ -n \"$Q\" ] && cat /tmp/q.json > $R")
     lines.append("cat /tmp/ev.json > $R")
+    lines.append("detector end")
     lines.append(f"finish {EXIT_DONE}")
     return "\n".join(lines) + "\n"
 

@@ -107,6 +107,15 @@ def _faults(runs: list[Run]) -> str:
     return f"{total}{where}: {first.get('title', '')}"
 
 
+def _stale(runs: list[Run]) -> str:
+    """Event deliveries to released conntrack entries seen by the detector (nqlab_detect)."""
+    values = [_d(r).get("stale_uses") for r in runs]
+    known = [int(v) for v in values if v is not None]
+    if not known:
+        return "no detector" if all(_d(r).get("detector_loaded") is None for r in runs) else UNKNOWN
+    return _spread(known)
+
+
 def _counts(fault: dict[str, Any]) -> bool:
     """Reports the kernel printed before init (its own, not the module's) are not counted."""
     return fault.get("phase") != "boot"
@@ -158,6 +167,7 @@ ROW_COLUMNS: tuple[tuple[str, Cell], ...] = (
     ("insert_failed", lambda rs: _ct(rs, "insert_failed")),
     ("drop", lambda rs: _ct(rs, "drop")),
     ("faults", _faults),
+    ("stale uses", _stale),
     ("unload", _unload),
     ("traffic after", _healthy),
     ("verdict", _verdict),
@@ -203,6 +213,7 @@ def measured_columns(lab: dict[str, Any]) -> dict[str, dict[str, str]]:
             "lab: clashes per 10k flows": clash_rate,
             "lab: kernel reports": _faults(runs),
             "lab: reports per 10k flows": report_rate,
+            "lab: stale uses (detector)": _stale(runs),
             "lab: unload": _unload(runs),
             "lab: verdict": _verdict(runs),
         }

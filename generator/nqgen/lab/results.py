@@ -125,6 +125,7 @@ class RunResult:
     patched: dict[str, bool] = field(default_factory=dict)  # function -> the kernel lists it as patched
     ftrace_enabled: dict[str, Any] | None = None  # sysctl kernel.ftrace_enabled=0 tried while loaded
     bridge: dict[str, Any] | None = None  # pings out through a bridge: nf_confirm_calls before and after
+    detector: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # phase -> nqlab_detect counts
     faults: list[Fault] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # lab-side problems (helper not ready, bad lines)
     kernel_log: str = ""
@@ -196,6 +197,38 @@ class RunResult:
         return stat["entries"] >= self.health_flows
 
     @property
+    def detector_loaded(self) -> bool | None:
+        """Whether the stale-use detector ran in this boot (None: the lab did not plan it)."""
+        load = next((x for x in self.loads if x.role == "detector"), None)
+        return None if load is None else load.ok
+
+    def _detector_last(self) -> dict[str, Any] | None:
+        for phase in ("end", "workload", "before"):
+            counts = self.detector.get(phase)
+            if counts is not None:
+                return counts
+        return None
+
+    @property
+    def stale_uses(self) -> int | None:
+        """Event deliveries to a released conntrack entry seen by the detector over the whole boot."""
+        last = self._detector_last()
+        return None if last is None else sum(_ints(last.get("stale")))
+
+    @property
+    def stale_by_family(self) -> dict[str, int] | None:
+        last = self._detector_last()
+        return None if last is None else dict(zip(("ipv4", "ipv6"), _ints(last.get("stale")), strict=False))
+
+    @property
+    def detector_clashes(self) -> int | None:
+        """Clashes (the skb's entry switched by __nf_conntrack_confirm) during the workload."""
+        before, after = self.detector.get("before"), self.detector.get("workload")
+        if before is None or after is None:
+            return None
+        return sum(_ints(after.get("clashes"))) - sum(_ints(before.get("clashes")))
+
+    @property
     def taint_faults(self) -> list[str]:
         last = max(self.taint.values(), default=0)
         first = self.taint.get("boot", 0)
@@ -237,6 +270,8 @@ class RunResult:
     def problems(self) -> list[str]:
         """Why this run fails the lab (empty: it passed)."""
         out: list[str] = []
+        if self.stale_uses:
+            out.append(f"{self.stale_uses} stale use(s) of released conntrack entries (nqlab_detect)")
         if self.run_faults:
             first = self.run_faults[0]
             out.append(f"{len(self.run_faults)} kernel report(s), first: {first.title}")
@@ -250,7 +285,7 @@ class RunResult:
         elif not self.completed:
             out.append("guest did not finish")
         for load in self.loads:
-            if not load.ok and not load.optional and load.role != "mitigation":
+            if not load.ok and (not load.optional or load.role == "detector") and load.role != "mitigation":
                 out.append(f"{load.role} {load.module} refused: {load.reason}")
         if self.kind == "mitigation":
             mload = self.mitigation_load
@@ -282,7 +317,7 @@ class RunResult:
 
     @property
     def verdict(self) -> str:
-        if self.run_faults or self.taint_faults:
+        if self.run_faults or self.taint_faults or self.stale_uses:
             return "fault"
         if self.timed_out or not self.completed:
             return "incomplete"
@@ -320,6 +355,10 @@ class RunResult:
             "unloaded": None if self.unload is None else self.unload.ok,
             "taint_faults": self.taint_faults,
             "fault_count": len(self.run_faults),
+            "detector_loaded": self.detector_loaded,
+            "stale_uses": self.stale_uses,
+            "stale_by_family": self.stale_by_family,
+            "detector_clashes": self.detector_clashes,
             "boot_reports": dict(Counter(f.title for f in self.faults if f.phase == "boot").most_common(5)),
             "faults_by_phase": dict(Counter(f.phase for f in self.run_faults)),
             "fault_kinds": sorted({f.kind for f in self.faults}),
@@ -385,6 +424,13 @@ def apply_results(run: RunResult, text: str) -> None:
             continue
         _apply_record(run, rec, log)
     run.kernel_log = "".join(log)[-KERNEL_LOG_TAIL:]
+
+
+def _ints(value: object) -> list[int]:
+    """The integers of a JSON list (anything else counts as none)."""
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
 
 
 def _int(value: object, default: int = 0) -> int:
@@ -483,6 +529,9 @@ def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
         run.ctevents = {k: v for k, v in rec.items() if k != "type"}
         if not rec.get("subscribed"):
             run.errors.append(f"ctnetlink listener could not subscribe (error {rec.get('error')})")
+    elif kind == "detector":
+        counts = rec.get("counts")
+        run.detector[str(rec.get("phase"))] = counts if isinstance(counts, dict) else None
     elif kind == "error":
         run.errors.append(f"guest: {rec.get('what')}")
     elif kind == "done":

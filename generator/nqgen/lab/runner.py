@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, LabError
-from . import build
+from . import build, guestapi
 from .guest import MAX_ROUNDS, GuestModule, GuestPlan, Workload, render_init
+from .guestapi import GuestApi
 from .initramfs import Cpio
 from .kernel import KernelImage
 from .manifest import Manifest
@@ -23,7 +24,10 @@ from .qemu import QemuConfig, boot
 from .results import RunResult, apply_results, find_faults
 
 LAB_ROOTS = ("nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue")
+# 3.10 and 4.18 keep the per-family conntrack (and its hooks) in modules of their own
+LAB_ROOTS_IF_PRESENT = ("nf_conntrack_ipv4", "nf_conntrack_ipv6")
 HELPER_GUEST_PATH = "/nqlab/nqlab_ct.ko"
+DETECTOR_GUEST_PATH = "/nqlab/nqlab_detect.ko"
 MAX_FAULT_TEXTS = 5
 DEVICE_NODES = (("console", 5, 1), ("null", 1, 3), ("kmsg", 1, 11), ("port", 1, 4), ("ttyS0", 4, 64), ("ttyS1", 4, 65))
 
@@ -45,6 +49,7 @@ class LabConfig:
     busybox: Path = Path("/bin/busybox")
     logs_dir: Path | None = None  # console and result logs per run are copied here
     append: str = ""
+    detector: bool = True  # load the stale-use detector where the target allows it
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class LabRun:
     config: LabConfig
     runs: list[RunResult] = field(default_factory=list)
     date: str = ""
+    guest_api: GuestApi | None = None
 
     @property
     def failed(self) -> list[RunResult]:
@@ -125,13 +131,21 @@ class _Guest:
         _check_static(config.busybox)
         self.applets = _applets(config.busybox)
         self.programs = build.build_programs(work / "programs")
-        self.helper = build.build_helper(config.kdir, work / "helper")
+        self.api = guestapi.decide(config.kdir)
+        self.helper = build.build_helper(config.kdir, work / "helper", self.api)
         _check_vermagic(self.helper, self.release, f"nqlab_ct.ko (built against {config.kdir})")
+        self.detector: Path | None = None
+        if self.api.detector and config.detector:
+            self.detector = build.build_detector(config.kdir, work / "detector", self.api)
+            _check_vermagic(self.detector, self.release, f"nqlab_detect.ko (built against {config.kdir})")
         self.tree = ModuleTree.load(config.modules_dir)
         self._module_bytes: dict[str, bytes] = {}
 
     def closure(self, extra: list[Path], bridge: bool = False) -> list[ModuleFile]:
-        roots = list(LAB_ROOTS) + modinfo_depends(self.helper)
+        roots = list(LAB_ROOTS[:1]) + [m for m in LAB_ROOTS_IF_PRESENT if m in self.tree.paths]
+        roots += list(LAB_ROOTS[1:]) + modinfo_depends(self.helper)
+        if self.detector is not None:
+            roots += modinfo_depends(self.detector)
         # optional: a tree without them skips the bridge step (the guest reports setup false)
         softdeps: list[str] = list(BRIDGE_MODULES) if bridge else []
         for ko in extra:
@@ -173,6 +187,8 @@ class _Guest:
             dep_lines.append(f"{mod.plain_relpath}:")
         c.file(f"{moddir}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
         c.copy(HELPER_GUEST_PATH.lstrip("/"), self.helper)
+        if self.detector is not None:
+            c.copy(DETECTOR_GUEST_PATH.lstrip("/"), self.detector)
         if mitigation is not None:
             c.copy(f"nqlab/{mitigation.module}.ko", mitigation.ko)
         for dest, src in (extra or {}).items():
@@ -189,10 +205,13 @@ def _bridge(m: Manifest) -> bool:
     return "nf_confirm" in m.patched
 
 
-def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workload) -> GuestPlan:
+def _plan(
+    spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workload, detector: bool = False
+) -> GuestPlan:
     guest_deps = tuple(
         GuestModule(m.name, f"/lib/modules/{release}/{m.plain_relpath}", "dep", (), m.optional) for m in deps
     )
+    det = GuestModule(build.DETECTOR_MODULE, DETECTOR_GUEST_PATH, "detector", (), True) if detector else None
     m = spec.manifest
     helper_params = (f"queue={0 if spec.nfqueue else -1}", *(("bridge=1",) if m is not None and _bridge(m) else ()))
     helper = GuestModule("nqlab_ct", HELPER_GUEST_PATH, "helper", helper_params)
@@ -206,6 +225,7 @@ def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workloa
             workload=workload,
             queue_base=queue_base,
             queue_count=queue_count,
+            detector=det,
         )
     return GuestPlan(
         run=spec.name,
@@ -224,6 +244,7 @@ def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workloa
         bridge=_bridge(m),
         queue_base=m.queue_base if m.queue_base is not None else queue_base,
         queue_count=m.queue_count if m.queue_base is not None else queue_count,
+        detector=det,
     )
 
 
@@ -232,7 +253,7 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     cfg = guest.config
     extra = [spec.manifest.ko] if spec.manifest is not None else []
     deps = guest.closure(extra, bridge=spec.manifest is not None and _bridge(spec.manifest))
-    plan = _plan(spec, deps, guest.release, cfg.workload)
+    plan = _plan(spec, deps, guest.release, cfg.workload, guest.detector is not None)
     tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
     run_dir = work / tag
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -322,6 +343,7 @@ def run_lab(
     with tempfile.TemporaryDirectory(prefix="nqgen-lab-", dir=work_dir) as tmp:
         work = Path(tmp)
         guest = _Guest(config, work)
+        lab.guest_api = guest.api
         for i, spec in enumerate(specs, 1):
             if progress is not None:
                 progress(i, len(specs), spec, None)
@@ -358,6 +380,9 @@ def lab_json(lab: LabRun) -> dict[str, Any]:
             "health_rounds": w.health_rounds,
             "flows": w.rounds * len(w.families),
             "datagrams": w.rounds * len(w.families) * w.threads,
+        },
+        "guest": None if lab.guest_api is None else {
+            **lab.guest_api.to_json(), "detector_used": lab.guest_api.detector and c.detector
         },
         "runs": [r.to_dict() for r in lab.runs],
         "ok": not lab.failed,

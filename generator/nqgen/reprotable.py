@@ -1,0 +1,207 @@
+"""The crash comparison's table: per configuration over its boots, from a lab.json, and what it must show.
+
+Evidence of the bug in a boot is either a kernel report (KASAN where the kernel has it and can see the
+stale use; any Oops/BUG/panic) or a stale use counted by the lab's detector (``nqlab_detect``: an event
+delivery to a conntrack entry whose refcount is 0), the two counted alike.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+REPLACING = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+REPORT_KINDS = ("KASAN", "BUG", "Oops", "WARNING", "panic")
+
+
+@dataclass
+class ConfigSummary:
+    """One configuration (a baseline or a strategy, with or without NFQUEUE) over its repeated boots."""
+
+    name: str
+    strategy: str | None
+    nfqueue: bool
+    boots: int = 0
+    boots_with_reports: int = 0
+    boots_with_evidence: int = 0  # a kernel report or a stale use
+    reports: int = 0
+    per_boot_reports: list[int] = field(default_factory=list)
+    per_boot_stale: list[int] = field(default_factory=list)  # only boots where the detector ran
+    stale_by_family: dict[str, int] = field(default_factory=dict)
+    flows: int = 0
+    clashres: list[int] = field(default_factory=list)  # the detector's clashes where it ran, else clashres
+    clash_source: str = ""
+    corrected: list[int] = field(default_factory=list)
+    died: int = 0  # boots that never finished (panic, hang)
+    lost: int = 0
+    unload_failures: int = 0
+    first_report: str = ""
+    first_frames: list[str] = field(default_factory=list)
+
+    @property
+    def stale(self) -> int:
+        return sum(self.per_boot_stale)
+
+    @property
+    def evidence(self) -> int:
+        return self.reports + self.stale
+
+    @property
+    def reports_per_10k(self) -> float:
+        return 10000.0 * self.reports / self.flows if self.flows else math.nan
+
+    def _per_10k(self, counts: list[int]) -> tuple[float, float]:
+        """Mean and sample standard deviation over boots of ``counts`` per 10 000 flows."""
+        if not counts or not self.flows:
+            return (math.nan, math.nan)
+        per_boot_flows = self.flows / self.boots
+        rates = [10000.0 * c / per_boot_flows for c in counts]
+        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        return (statistics.fmean(rates), sd)
+
+    def clashes_per_10k(self) -> tuple[float, float]:
+        return self._per_10k(self.clashres)
+
+    def reports_per_10k_spread(self) -> tuple[float, float]:
+        return self._per_10k(self.per_boot_reports)
+
+    def stale_per_10k_spread(self) -> tuple[float, float]:
+        return self._per_10k(self.per_boot_stale)
+
+
+def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
+    flows_per_boot = int(lab["workload"]["flows"])
+    out: dict[str, ConfigSummary] = {}
+    for run in lab["runs"]:
+        s = out.setdefault(run["name"], ConfigSummary(run["name"], run.get("strategy"), bool(run["nfqueue"])))
+        d = run["derived"]
+        s.boots += 1
+        s.flows += flows_per_boot
+        reports = [f for f in run["faults"] if f["kind"] in REPORT_KINDS and f.get("phase") != "boot"]
+        s.reports += len(reports)
+        s.per_boot_reports.append(len(reports))
+        stale = d.get("stale_uses")
+        if stale is not None:
+            s.per_boot_stale.append(int(stale))
+            for fam, n in (d.get("stale_by_family") or {}).items():
+                s.stale_by_family[fam] = s.stale_by_family.get(fam, 0) + int(n)
+        if reports:
+            s.boots_with_reports += 1
+            if not s.first_report:
+                s.first_report = reports[0]["title"]
+                s.first_frames = list(reports[0].get("frames", []))[:5]
+        if reports or stale:
+            s.boots_with_evidence += 1
+        if d.get("detector_clashes") is not None:
+            s.clashres.append(int(d["detector_clashes"]))
+            s.clash_source = "detector"
+        elif "clashres" in (d.get("workload_ct") or {}):
+            s.clashres.append(int(d["workload_ct"]["clashres"]))
+            s.clash_source = s.clash_source or "clashres"
+        if d.get("corrected_calls") is not None:
+            s.corrected.append(int(d["corrected_calls"]))
+        if not run.get("completed"):
+            s.died += 1
+        s.lost += int(d.get("lost") or 0)
+        if run["kind"] == "mitigation" and d.get("unloaded") is False:
+            s.unload_failures += 1
+    return list(out.values())
+
+
+def judge(summaries: list[ConfigSummary]) -> list[str]:
+    """What contradicts the expected result; empty when the comparison shows what it exists for."""
+    problems = []
+    baselines = [s for s in summaries if s.strategy is None]
+    if not any(s.evidence for s in baselines):
+        problems.append("no baseline showed the bug (no kernel report, no stale use): the kernel may not be vulnerable")
+    for s in summaries:
+        if s.strategy not in REPLACING:
+            continue
+        if s.reports:
+            problems.append(f"{s.name}: {s.reports} kernel report(s), first: {s.first_report}")
+        if s.stale:
+            problems.append(f"{s.name}: {s.stale} stale use(s) of released conntrack entries")
+        if s.unload_failures:
+            problems.append(f"{s.name}: failed to unload in {s.unload_failures} boot(s)")
+        if not any(s.corrected):
+            problems.append(f"{s.name}: the corrected confirm never ran")
+    return problems
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _machine(lab: dict[str, Any]) -> str:
+    m = lab.get("machine", {})
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('qemu', 'qemu')}"
+
+
+def _detector_line(lab: dict[str, Any]) -> str:
+    guest = lab.get("guest") or {}
+    if not guest:
+        return ""
+    if not guest.get("detector_used", True):
+        return "The stale-use detector was not loaded (--no-detector)."
+    if guest.get("detector"):
+        return ("Stale uses: the lab's detector `nqlab_detect` (kretprobe on `__nf_conntrack_confirm`: a clash is"
+                " NF_ACCEPT with the skb's entry switched; kprobe on `nf_ct_deliver_cached_events`: a call on an"
+                " entry whose refcount is 0).")
+    return f"No stale-use detector on this kernel: {guest.get('detector_reason')}."
+
+
+def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list[str], title: str) -> str:
+    w = lab["workload"]
+    k = lab["kernel"]
+    lines = [
+        f"## {title}",
+        "",
+        f"Kernel `{k['release']}`{' (KASAN)' if k.get('kasan') else ' (no KASAN)'}, qemu TCG,"
+        f" {lab['vm'].get('smp', 2)} vCPUs, {lab['vm'].get('memory', '?')}; {lab['date']}; host: {_machine(lab)}.",
+        f"Workload per boot: {w['rounds']} flows per family ({', '.join(w['families'])}), {w['threads']} racing"
+        f" senders each, ctnetlink listener subscribed; NFQUEUE consumers hold packets {w['queue_delay_us']} us."
+        f" Boots per configuration: {lab['repeat']}.",
+    ]
+    if detector := _detector_line(lab):
+        lines.append(detector)
+    lines += [
+        "",
+        "| configuration | NFQUEUE | boots | boots with evidence | stale uses per 10k flows (mean ± sd) |"
+        " kernel reports per 10k flows (mean ± sd) | clashes per 10k flows (mean ± sd) | corrected confirms |"
+        " boots that died | lost | first report |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        mean, sd = s.clashes_per_10k()
+        rmean, rsd = s.reports_per_10k_spread()
+        smean, ssd = s.stale_per_10k_spread()
+        corrected = "-" if not s.corrected else f"{statistics.fmean(s.corrected):.0f}/boot"
+        lines.append(
+            f"| {s.strategy or 'no mitigation'} | {'yes' if s.nfqueue else 'no'} | {s.boots} | {s.boots_with_evidence}"
+            f" | {_fmt(smean)} ± {_fmt(ssd)} | {_fmt(rmean)} ± {_fmt(rsd)} | {_fmt(mean)} ± {_fmt(sd)} | {corrected}"
+            f" | {s.died} | {s.lost} | {s.first_report.replace('|', '/') or 'none'} |"
+        )
+    lines.append("")
+    sources = {s.clash_source for s in summaries if s.clash_source}
+    if sources:
+        lines.append("Clashes: " + ("the detector's count (the skb's entry switched)" if sources == {"detector"}
+                                    else "the detector's count where it ran, else conntrack's clashres") + ".")
+        lines.append("")
+    for s in summaries:
+        if s.stale:
+            fams = ", ".join(f"{fam} {n}" for fam, n in s.stale_by_family.items())
+            lines.append(f"- {s.name}: {s.stale} stale use(s) over {s.boots} boot(s) ({fams})")
+        if s.first_frames:
+            lines.append(f"- {s.name}: `{s.first_report}`; top frames: {', '.join(s.first_frames)}")
+    lines.append("")
+    if problems:
+        lines.append("**Unexpected:** " + "; ".join(problems))
+    else:
+        lines.append(
+            "The baseline shows the bug; every strategy that replaces the confirm ("
+            + ", ".join(s for s in REPLACING if any(x.strategy == s for x in summaries))
+            + ") shows no stale use and no report over the same workload."
+        )
+    return "\n".join(lines) + "\n"
