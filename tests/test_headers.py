@@ -168,7 +168,7 @@ G3_6X = {
 GENERATIONS: dict[str, dict[str, object]] = {
     "rhel7-early": {**RHEL7, "hookfn_form": "okfn", "skb_nfct_accessor": False, "livepatch_api": "none"},
     "rhel7.7": {**RHEL7, "livepatch_api": "register_enable"},
-    "rhel7.9": RHEL7,
+    "rhel7.9": {**RHEL7, "ftrace_permanent": True},  # tremb1e/linux-3.10.0-1160.el7 ftrace.h: PERMANENT 1 << 10
     "rhel8.1": UPSTREAM_419,  # 4.18.0-147: still klp_register_patch (cai-fuqiang/linux-4.18.0-147); no PERMANENT
     "rhel8.3": {**UPSTREAM_419, "livepatch_api": "enable", "ftrace_permanent": True},
     "4.19": UPSTREAM_419,
