@@ -49,6 +49,14 @@ def test_kallsyms_lookup_agrees_with_grep(tmp_path: Path) -> None:
     assert case.found_reference, "the running kernel has none of the kernel functions nqgen relies on"
 
 
+def test_synthetic_elf_lookup_agrees_with_nm(tmp_path: Path) -> None:
+    if symbols.tools_missing():
+        pytest.skip(str(symbols.tools_missing()))
+    case = symbols.vmlinux_case(symbols.synthetic_elf(tmp_path / "elf", count=2000), rounds=1)
+    assert case.agree and case.entries > 2000
+    assert set(case.found_nqgen) == set(symbols.KERNEL_NAMES[:-1])
+
+
 def test_capture_refuses_a_short_listing(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_text("ffffffff81000000 T _stext\n")
@@ -71,7 +79,7 @@ def test_bench_writes_tables_and_json(debian: DebianKernel, tmp_path: Path,
     assert "nf_conntrack.ko" in printed and "kallsyms" in printed and "vmlinux" in printed
     doc = json.loads((tmp_path / "bench.json").read_text())
     labels = [c["label"] for c in doc["symbols"]]
-    assert labels == ["nf_conntrack.ko", "vmlinux", "kallsyms"]
+    assert labels == ["nf_conntrack.ko", "vmlinux", "elf-107k (synthetic)", "kallsyms"]
     measured = [c for c in doc["symbols"] if "skipped" not in c]
     assert measured and all(c["agree"] for c in measured)
     assert all(c["cpu_ratio"]["low"] <= c["cpu_ratio"]["median"] <= c["cpu_ratio"]["high"] for c in measured)

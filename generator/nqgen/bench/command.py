@@ -49,6 +49,8 @@ def run(out: Path, rounds: int, *, with_whole: bool = True) -> dict[str, object]
         cases.append(Skipped("vmlinux", "reference kernel not built (make repro-kernel)"))
     else:
         cases.append(symbols.vmlinux_case(ref.vmlinux, rounds))
+    if not missing:
+        cases.append(symbols.vmlinux_case(symbols.synthetic_elf(out / "elf-107k"), rounds))
     listing = symbols.capture_kallsyms(out / "kallsyms.txt")
     if missing:
         cases.append(Skipped("kallsyms", missing))
