@@ -61,7 +61,8 @@ def whole_table(run: WholeRun | Skipped) -> str:
         f"imports: {run.import_total:.2f} s cpu; by package (python -X importtime, wall, min of 3): "
         + ", ".join(f"{pkg} {sec:.2f}" for pkg, sec in list(run.imports.items())[:8]),
         f"phases (cProfile of one run, {run.profiled_total:.2f} s profiled): "
-        + ", ".join(f"{label} {sec:.2f} s" for label, sec in run.phases.items()),
+        + ", ".join(f"{label} {sec:.0f}" if label == "templates compiled" else f"{label} {sec:.2f} s"
+                    for label, sec in run.phases.items()),
     ]
     return "\n".join(lines)
 
