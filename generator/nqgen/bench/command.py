@@ -58,7 +58,8 @@ def run(out: Path, rounds: int, *, with_whole: bool = True) -> dict[str, object]
         cases.append(Skipped("kallsyms", listing))
     else:
         cases.append(symbols.kallsyms_case(listing, rounds))
-    click.echo("Symbol lookup: nqgen against nm | grep (kallsyms: grep -E), same file, alternating rounds")
+    click.echo("Symbol lookup: nqgen against nm | grep (kallsyms: grep -E), same file, alternating rounds;")
+    click.echo("nqgen is timed in-process (file read and parse, no interpreter start), the reference as commands")
     click.echo(report.symbol_table(cases))
     doc: dict[str, object] = {"machine": report.machine(), "rounds": rounds,
                               "symbols": [c.to_json() for c in cases]}  # fmt: skip

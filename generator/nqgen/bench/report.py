@@ -36,14 +36,14 @@ def _goal(value: float, goal: float) -> str:
 
 
 def symbol_table(cases: list[SymbolCase | Skipped]) -> str:
-    head = (f"{'input':<16} {'symbols':>8} {'nqgen s':>8} {'ref s':>8} {'wall ratio (range)':>22} "
+    head = (f"{'input':<22} {'symbols':>8} {'nqgen s':>8} {'ref s':>8} {'wall ratio (range)':>22} "
             f"{'cpu ratio (range)':>22} {'same names':>10}  goal <= {SYMBOL_GOAL:.1f}x (cpu)")  # fmt: skip
     rows = [head, "-" * len(head)]
     for case in cases:
         if isinstance(case, Skipped):
-            rows.append(f"{case.label:<16} skipped: {case.reason}")
+            rows.append(f"{case.label:<22} skipped: {case.reason}")
             continue
-        rows.append(f"{case.label:<16} {case.entries:>8} {case.nqgen.median_wall:>8.3f} "
+        rows.append(f"{case.label:<22} {case.entries:>8} {case.nqgen.median_wall:>8.3f} "
                     f"{case.reference.median_wall:>8.3f} {case.wall_ratio!s:>22} {case.cpu_ratio!s:>22} "
                     f"{'yes' if case.agree else 'NO':>10}  {_goal(case.cpu_ratio.median, SYMBOL_GOAL)}")  # fmt: skip
     return "\n".join(rows)
@@ -53,7 +53,7 @@ def whole_table(run: WholeRun | Skipped) -> str:
     if isinstance(run, Skipped):
         return f"whole nqgen --strategy all: skipped: {run.reason}"
     lines = [
-        f"nqgen --strategy all:            {run.nqgen.median_wall:.2f} s wall, {run.nqgen.median_cpu:.2f} s cpu",
+        f"nqgen --strategy all (no cache): {run.nqgen.median_wall:.2f} s wall, {run.nqgen.median_cpu:.2f} s cpu",
         f"nm | grep + make trivial module: {run.reference.median_wall:.2f} s wall, "
         f"{run.reference.median_cpu:.2f} s cpu",
         f"ratio: wall {run.wall_ratio}, cpu {run.cpu_ratio}; goal <= {WHOLE_GOAL:.0f}x: "
