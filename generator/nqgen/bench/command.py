@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 
 from nqgen import probe, reprokernel
-from nqgen.bench import report, symbols, whole
+from nqgen.bench import labcost, report, symbols, whole
 from nqgen.bench.symbols import Skipped, SymbolCase
+from nqgen.errors import NqgenError
+from nqgen.lab.cost import CostPlan
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -26,7 +28,28 @@ def debian_release() -> str | None:
     return None
 
 
-def run(out: Path, rounds: int, *, with_whole: bool = True) -> dict[str, object]:
+# the strategies that replace the confirm; advance-confirm* put UDP through NFQUEUE by design (no consumer here)
+COST_STRATEGIES = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+
+
+def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan) -> dict[str, object]:
+    """Generate and build every strategy for the Debian kernel, then one cost boot per replacing strategy."""
+    if shutil.which("qemu-system-x86_64") is None or not Path("/bin/busybox").is_file():
+        return {"skipped": "needs qemu-system-x86_64 and busybox-static (make deps)"}
+    gen = out / "gen"
+    subprocess.run([sys.executable, "-m", "nqgen", "--strategy", "all", "--kdir", str(kdir), "--module",
+                    str(module), "--out", str(gen)], check=True, capture_output=True)  # fmt: skip
+    nqgen = Path(sys.executable).with_name("nqgen")
+    subprocess.run(["make", "-s", "-C", str(gen), f"NQGEN={nqgen}"], check=True, capture_output=True)
+    results = labcost.run_costs(gen, COST_STRATEGIES, plan)
+    click.echo("")
+    click.echo(f"Packet-path cost: one boot per strategy, {plan.pairs} pairs of phases without/with the module, "
+               f"{plan.datagrams} datagrams per phase, family and kind (no NFQUEUE)")  # fmt: skip
+    click.echo(labcost.cost_table(results))
+    return {"results": [r.to_dict() for r in results]}
+
+
+def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None) -> dict[str, object]:
     cases: list[SymbolCase | Skipped] = []
     missing = symbols.tools_missing()
     release = debian_release()
@@ -75,6 +98,15 @@ def run(out: Path, rounds: int, *, with_whole: bool = True) -> dict[str, object]
     click.echo("")
     click.echo(report.whole_table(whole_run))
     doc["whole"] = whole_run.to_json()
+    if cost is not None:
+        costs: dict[str, object]
+        if module is None or kdir is None or not kdir.is_dir():
+            costs = {"skipped": "no Debian kernel headers and nf_conntrack.ko (make deps)"}
+        else:
+            costs = lab_cost(out, kdir, module, cost)
+        if "skipped" in costs:
+            click.echo(f"\npacket-path cost: skipped: {costs['skipped']}")
+        doc["cost"] = costs
     report.write_json(out / "bench.json", doc)
     click.echo(f"\nwritten: {out / 'bench.json'}")
     return doc
@@ -84,10 +116,14 @@ def run(out: Path, rounds: int, *, with_whole: bool = True) -> dict[str, object]
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out-bench"), show_default=True)
 @click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True)
 @click.option("--no-whole", is_flag=True, help="Skip the whole-command comparison (it builds a module).")
-def main(out: Path, rounds: int, no_whole: bool) -> None:
-    """Benchmarks side by side with binutils, as ratios (nothing here asserts a time)."""
+@click.option("--no-cost", is_flag=True, help="Skip the packet-path cost boots in the VM lab.")
+@click.option("--cost-pairs", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--cost-datagrams", type=click.IntRange(10, 3000), default=1000, show_default=True)
+def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, cost_pairs: int, cost_datagrams: int) -> None:
+    """Benchmarks side by side with binutils and unpatched phases, as ratios (nothing here asserts a time)."""
+    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams)
     try:
-        run(out, rounds, with_whole=not no_whole)
-    except (OSError, RuntimeError) as exc:
+        run(out, rounds, with_whole=not no_whole, cost=cost)
+    except (OSError, RuntimeError, subprocess.CalledProcessError, NqgenError) as exc:
         click.echo(f"nqgen bench: {exc}", err=True)
         sys.exit(4)
