@@ -29,6 +29,8 @@ def test_cost_script_is_valid_shell_and_alternates_phases() -> None:
     assert proc.returncode == 0, proc.stderr
     assert text.count("load mitigation m") == 2 and text.count("rmmod m") == 2
     assert text.count("measure new") == 8 and text.count("measure established") == 8
+    states = [line.split()[-1] for line in text.splitlines() if line.startswith("measure") and " 1 o" in line]
+    assert states == ["on"] * 4 + ["off"] * 4  # pair 1 runs the patched phase first (no order effect on one side)
     ports = {cp.sport(p, s, f) for p in range(2) for s in range(2) for f in range(2)}
     assert len(ports) == 8 and max(ports) + 100 <= 65535  # blocks of source ports never overlap
 

@@ -69,7 +69,10 @@ def render_init(cp: CostPlan, plan_init: dict[str, str]) -> str:
         "}"
     )
     for pair in range(cp.pairs):
-        for state, name in ((0, "off"), (1, "on")):
+        # odd pairs run the patched phase first: an order effect (the guest still busy after boot or an unload,
+        # conntrack expiring the previous phase's entries) must not land on one side every time
+        order = ((0, "off"), (1, "on")) if pair % 2 == 0 else ((1, "on"), (0, "off"))
+        for state, name in order:
             if state:
                 lines.append(plan_init["load"])
             for fi, fam in enumerate(cp.families):
