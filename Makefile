@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel clean
 
@@ -42,8 +43,9 @@ unit: deps
 test: deps lint
 	$(PY) -m pytest -q -rs tests
 
+# Ratios measured side by side with binutils in one run: tables on stdout, JSON in out-bench/bench.json.
 bench: deps
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	nice -n 10 $(PY) -m nqgen.bench --out $(OUT)-bench $(BENCH_ARGS)
 
 repro-kernel: deps
 	$(PY) -m nqgen.reprokernel
@@ -67,4 +69,4 @@ repro-rhel: deps
 	for r in $(RHEL_RECIPES); do $(PY) -m nqgen.repro --recipe $$r --out $(OUT)-repro-$$r || exit 1; done
 
 clean:
-	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* $(OUT)-bench .pytest_cache .mypy_cache .ruff_cache

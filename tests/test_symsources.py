@@ -252,3 +252,32 @@ def test_read_capped_truncated_stream(tmp_path, kind) -> None:  # type: ignore[n
     packed.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
     with pytest.raises(InputError, match=rf"text\.{kind}: (truncated|corrupt) {kind} data"):
         symsources.read_capped(packed)
+
+
+def test_symbol_list_lookup_matches_whole_names_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "kallsyms"
+    path.write_text(
+        "ffffffff81000010 T synchronize_net_x\n"
+        "ffffffff81000020 T x_synchronize_net\n"
+        "ffffffff81000030 t helper\t[synchronize_net]\n"
+        "ffffffff81000040 T synchronize_net\n"
+    )
+    listing = symsources.parse_symbol_list(path)
+    assert [e.address for e in listing.lookup("synchronize_net")] == [0xFFFFFFFF81000040]
+    assert listing.lookup("helper", module="synchronize_net")[0].address == 0xFFFFFFFF81000030
+    assert not listing.lookup("helper", module="vmlinux")
+    assert not listing.lookup("")
+
+
+def test_symbol_list_other_layouts_parse_the_same(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lines = ["ffffffff81000000 T _text", "ffffffffc0a08e90 t ipv4_confirm\t[nf_conntrack]"]
+    plain, crlf = tmp_path / "plain", tmp_path / "crlf"
+    plain.write_text("\n".join(lines) + "\n")
+    crlf.write_bytes(("\r\n".join(lines) + "\r\n\r\n").encode())
+    fast, slow = symsources.parse_symbol_list(plain), symsources.parse_symbol_list(crlf)
+    assert fast.entries == slow.entries and len(fast.entries) == 2
+    assert slow.lookup("ipv4_confirm", module="nf_conntrack") == fast.lookup("ipv4_confirm", module="nf_conntrack")
+    bad = tmp_path / "bad"
+    bad.write_text("\n".join(lines) + "\nffffffff81000000 T\n")
+    with pytest.raises(InputError, match=r"bad:3: not"):
+        symsources.parse_symbol_list(bad)

@@ -1,0 +1,3 @@
+from nqgen.bench.command import main
+
+main()

@@ -1,0 +1,129 @@
+"""``python -m nqgen.bench``: run the benchmarks, print the tables, write ``<out>/bench.json``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from nqgen import probe, reprokernel
+from nqgen.bench import labcost, report, symbols, whole
+from nqgen.bench.symbols import Skipped, SymbolCase
+from nqgen.errors import NqgenError
+from nqgen.lab.cost import CostPlan
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def debian_release() -> str | None:
+    """The release of Debian's linux-image-amd64 (scripts/debian-kernel), or the running one's modules."""
+    script = ROOT / "scripts/debian-kernel"
+    if script.is_file():
+        done = subprocess.run([str(script)], capture_output=True, text=True, check=False)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+    return None
+
+
+# the strategies that replace the confirm; advance-confirm* put UDP through NFQUEUE by design (no consumer here)
+COST_STRATEGIES = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+
+
+def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan) -> dict[str, object]:
+    """Generate and build every strategy for the Debian kernel, then one cost boot per replacing strategy."""
+    if shutil.which("qemu-system-x86_64") is None or not Path("/bin/busybox").is_file():
+        return {"skipped": "needs qemu-system-x86_64 and busybox-static (make deps)"}
+    gen = out / "gen"
+    subprocess.run([sys.executable, "-m", "nqgen", "--strategy", "all", "--kdir", str(kdir), "--module",
+                    str(module), "--out", str(gen)], check=True, capture_output=True)  # fmt: skip
+    nqgen = Path(sys.executable).with_name("nqgen")
+    subprocess.run(["make", "-s", "-C", str(gen), f"NQGEN={nqgen}"], check=True, capture_output=True)
+    results = labcost.run_costs(gen, COST_STRATEGIES, plan)
+    click.echo("")
+    click.echo(f"Packet-path cost: one boot per strategy, {plan.pairs} pairs of phases without/with the module, "
+               f"{plan.datagrams} datagrams per phase, family and kind (no NFQUEUE)")  # fmt: skip
+    click.echo(labcost.cost_table(results))
+    return {"results": [r.to_dict() for r in results]}
+
+
+def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None) -> dict[str, object]:
+    cases: list[SymbolCase | Skipped] = []
+    missing = symbols.tools_missing()
+    release = debian_release()
+    module = None
+    kdir = None
+    if release is not None:
+        found = probe.find_conntrack_modules(Path("/lib/modules") / release)
+        module = found[0] if found else None
+        kdir = Path("/lib/modules") / release / "build"
+    if missing:
+        cases.append(Skipped("nf_conntrack.ko", missing))
+    elif module is None:
+        cases.append(Skipped("nf_conntrack.ko", "no Debian nf_conntrack.ko installed (make deps)"))
+    else:
+        cases.append(symbols.module_case(module, rounds))
+    ref = reprokernel.find_built()
+    if missing:
+        cases.append(Skipped("vmlinux", missing))
+    elif ref is None:
+        cases.append(Skipped("vmlinux", "reference kernel not built (make repro-kernel)"))
+    else:
+        cases.append(symbols.vmlinux_case(ref.vmlinux, rounds))
+    if not missing:
+        cases.append(symbols.vmlinux_case(symbols.synthetic_elf(out / "elf-107k"), rounds))
+    listing = symbols.capture_kallsyms(out / "kallsyms.txt")
+    if missing:
+        cases.append(Skipped("kallsyms", missing))
+    elif isinstance(listing, str):
+        cases.append(Skipped("kallsyms", listing))
+    else:
+        cases.append(symbols.kallsyms_case(listing, rounds))
+    click.echo("Symbol lookup: nqgen against nm | grep (kallsyms: grep -E), same file, alternating rounds;")
+    click.echo("nqgen is timed in-process (file read and parse, no interpreter start), the reference as commands")
+    click.echo(report.symbol_table(cases))
+    doc: dict[str, object] = {"machine": report.machine(), "rounds": rounds,
+                              "symbols": [c.to_json() for c in cases]}  # fmt: skip
+    whole_run: whole.WholeRun | Skipped
+    if not with_whole:
+        whole_run = Skipped("whole", "not asked for")
+    elif module is None or kdir is None or not kdir.is_dir():
+        whole_run = Skipped("whole", "no Debian kernel headers and nf_conntrack.ko (make deps)")
+    elif shutil.which("make") is None or missing:
+        whole_run = Skipped("whole", missing or "no make")
+    else:
+        whole_run = whole.whole_run(kdir, module, rounds)
+    click.echo("")
+    click.echo(report.whole_table(whole_run))
+    doc["whole"] = whole_run.to_json()
+    if cost is not None:
+        costs: dict[str, object]
+        if module is None or kdir is None or not kdir.is_dir():
+            costs = {"skipped": "no Debian kernel headers and nf_conntrack.ko (make deps)"}
+        else:
+            costs = lab_cost(out, kdir, module, cost)
+        if "skipped" in costs:
+            click.echo(f"\npacket-path cost: skipped: {costs['skipped']}")
+        doc["cost"] = costs
+    report.write_json(out / "bench.json", doc)
+    click.echo(f"\nwritten: {out / 'bench.json'}")
+    return doc
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out-bench"), show_default=True)
+@click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True)
+@click.option("--no-whole", is_flag=True, help="Skip the whole-command comparison (it builds a module).")
+@click.option("--no-cost", is_flag=True, help="Skip the packet-path cost boots in the VM lab.")
+@click.option("--cost-pairs", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--cost-datagrams", type=click.IntRange(10, 3000), default=1000, show_default=True)
+def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, cost_pairs: int, cost_datagrams: int) -> None:
+    """Benchmarks side by side with binutils and unpatched phases, as ratios (nothing here asserts a time)."""
+    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams)
+    try:
+        run(out, rounds, with_whole=not no_whole, cost=cost)
+    except (OSError, RuntimeError, subprocess.CalledProcessError, NqgenError) as exc:
+        click.echo(f"nqgen bench: {exc}", err=True)
+        sys.exit(4)
