@@ -26,7 +26,8 @@ from .errors import BuildError, LabError, NqgenError
 from .generate import generate
 from .probe import build_profile, default_inputs
 
-REPLACING = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+# The strategies that must stop the crash: the four that replace the confirm, and hold-ref (keeps the loser alive).
+REPLACING = ("ftrace", "hook-swap", "stop-hook", "livepatch", "hold-ref")
 REPRO_MD = "REPRO.md"
 
 
@@ -156,7 +157,7 @@ def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list
         lines.append("**Unexpected:** " + "; ".join(problems))
     else:
         lines.append(
-            "The baseline reproduces the use-after-free; every strategy that replaces the confirm ("
+            "The baseline reproduces the use-after-free; every strategy that replaces the confirm or holds the loser ("
             + ", ".join(REPLACING)
             + ") shows none over the same workload."
         )

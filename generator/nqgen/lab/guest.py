@@ -59,6 +59,9 @@ class GuestPlan:
     livepatch_sysfs: str | None = None
     queue_base: int | None = None  # the NFQUEUE consumer binds queue_base..queue_base+queue_count-1
     queue_count: int = 0
+    # a second generated module loaded before the mitigation and left loaded (does it coexist?)
+    companion: GuestModule | None = None
+    companion_livepatch_sysfs: str | None = None  # its livepatch directory when it is a livepatch
 
 
 _PRELUDE = r"""#!/bin/sh
@@ -176,6 +179,12 @@ def render_init(plan: GuestPlan) -> str:
         )
         lines.append("Q=$!")
         lines.append('wait_file /tmp/q.ready || emit "{\\"type\\":\\"error\\",\\"what\\":\\"queue-not-ready\\"}"')
+    if plan.companion is not None:
+        c = plan.companion
+        cparams = " ".join(_q(p) for p in c.params)
+        lines.append(f"load companion {_q(c.name)} {_q(c.path)} false {cparams} && CMP=1")
+        if plan.companion_livepatch_sysfs is not None:
+            lines.append(_patched_block(_q(plan.companion_livepatch_sysfs), "CMP"))
     lines.append("ctstat before")
     lines.append("taint before")
     lines.append("MIT=0")
@@ -184,7 +193,7 @@ def render_init(plan: GuestPlan) -> str:
         params = " ".join(_q(p) for p in m.params)
         lines.append(f"load mitigation {_q(m.name)} {_q(m.path)} false {params} && MIT=1")
         if plan.unload == "livepatch":
-            lines.append(_patched_block(plan))
+            lines.append(_patched_block(_livepatch_dir(plan), "MIT"))
         lines.append("counters loaded")
         lines.append("taint loaded")
     lines.append(f"traffic workload {w.rounds} {WORKLOAD_DPORT} {SPORT_BASE} $THREADS")
@@ -213,11 +222,11 @@ def _livepatch_dir(plan: GuestPlan) -> str:
     return _q(plan.livepatch_sysfs or f"/sys/kernel/livepatch/{plan.mitigation.name}")
 
 
-def _patched_block(plan: GuestPlan) -> str:
+def _patched_block(lp_dir: str, loaded_var: str) -> str:
     """Wait until the livepatch transition finished, so the workload runs fully patched."""
     return (
-        'if [ "$MIT" = 1 ]; then\n'
-        f"\tLP={_livepatch_dir(plan)}\n"
+        f'if [ "${loaded_var}" = 1 ]; then\n'
+        f"\tLP={lp_dir}\n"
         "\ti=0\n"
         '\twhile [ "$(cat "$LP/transition" 2>/dev/null)" != 0 ] && [ $i -lt 300 ]; do\n'
         "\t\tusleep 100000\n\t\ti=$((i + 1))\n\tdone\n"
