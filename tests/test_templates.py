@@ -28,6 +28,9 @@ from test_generations import CASES
 from test_headers import FIXTURES as HEADER_TREES
 
 GENERATIONS = sorted(CASES)
+NO_HOOKS = frozenset({"hold-ref"})  # strategies that register no netfilter hook and define no hook function
+# (strategy, source file, callback) of every ftrace callback nqgen generates
+FTRACE_CALLBACKS = [("ftrace", "ftrace_main.c", "nq_ftrace_thunk"), ("hold-ref", "hold_ref.c", "nq_hold_thunk")]
 ALL = frozenset(CASES)
 RHEL7 = frozenset({"rhel7-early", "rhel7.7", "rhel7.9"})  # 3.10: global hook lists
 PERNET = ALL - RHEL7  # 4.18+: per-netns nf_hook_entries
@@ -95,6 +98,10 @@ KERNEL_API: dict[str, tuple[frozenset[str], str]] = {
             "ip_hdrlen",
             "ipv6_hdr",
             "skb_network_offset",
+            "kmalloc",
+            "kfree",
+            "call_rcu",
+            "rcu_barrier",
         ]
     },
     **{
@@ -107,6 +114,8 @@ KERNEL_API: dict[str, tuple[frozenset[str], str]] = {
             "NF_CT_STAT_INC_ATOMIC",
             "NF_QUEUE_NR",
             "nf_ct_l3num",
+            "nf_ct_put",
+            "nf_conntrack_get",
         ]
     },
     "nf_is_loopback_packet": (
@@ -366,23 +375,27 @@ def test_hook_functions_have_the_generations_nf_hookfn_prototype(generation: str
     )
     for sdir in strategies(rendered[generation]):
         hooks = hook_functions(linked_sources(sdir))
+        if sdir.name in NO_HOOKS:
+            assert not hooks, f"{sdir.name} registers no netfilter hook, yet defines {sorted(hooks)}"
+            continue
         assert hooks, f"{sdir.name}: no hook function found"
         for name, types in hooks.items():
             assert types == want, f"{generation} {sdir.name} {name}{tuple(types)} != nf_hookfn{tuple(want)}"
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
+@pytest.mark.parametrize(("strategy", "source", "callback"), FTRACE_CALLBACKS)
 def test_ftrace_callback_has_the_generations_ftrace_func_t_prototype(
-    generation: str, rendered: dict[str, Path]
+    generation: str, strategy: str, source: str, callback: str, rendered: dict[str, Path]
 ) -> None:
-    sdir = rendered[generation] / "ftrace"
+    sdir = rendered[generation] / strategy
     if not sdir.is_dir():
-        pytest.skip("no ftrace strategy for this generation")
+        pytest.skip(f"no {strategy} strategy for this generation")
     want = typedef_types(
         HEADER_TREES / generation, "include/linux/ftrace.h", r"typedef\s+void\s*\(\s*\*\s*ftrace_func_t\s*\)"
     )
-    got = functions((sdir / "ftrace_main.c").read_text())["nq_ftrace_thunk"]
-    assert got == want, f"nq_ftrace_thunk{tuple(got)} != ftrace_func_t{tuple(want)}"
+    got = functions((sdir / source).read_text())[callback]
+    assert got == want, f"{callback}{tuple(got)} != ftrace_func_t{tuple(want)}"
 
 
 def test_param_type_drops_only_names() -> None:

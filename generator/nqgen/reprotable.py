@@ -12,7 +12,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-REPLACING = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+# The strategies that must stop the crash: the four that replace the confirm, and hold-ref (keeps the loser alive).
+REPLACING = ("ftrace", "hook-swap", "stop-hook", "livepatch", "hold-ref")
 REPORT_KINDS = ("KASAN", "BUG", "Oops", "WARNING", "panic")
 
 

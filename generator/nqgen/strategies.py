@@ -290,6 +290,25 @@ def on_target(text: str, profile: KernelProfile) -> str:
     )
 
 
+def _check_hold_ref(profile: KernelProfile) -> Feasibility:
+    blocked = _base_check(profile, ("register_ftrace_function", "ftrace_set_filter_ip", "unregister_ftrace_function"))
+    if blocked:
+        return blocked
+    cfg = profile.config
+    if cfg.known and not cfg.ftrace_with_regs:
+        return Feasibility(False, "CONFIG_DYNAMIC_FTRACE_WITH_REGS is not set: the ftrace callback cannot read the skb")
+    families = tuple(f for f in ("ipv4", "ipv6") if f in profile.confirm)
+    return Feasibility(
+        True,
+        "holds the entry of every __nf_conntrack_confirm() call (exported) for one RCU grace period",
+        covers=families,
+        notes=(
+            "every caller of the unfixed inline is covered, not only the netfilter hooks: bridge conntrack, "
+            "openvswitch, tc act_ct, IPVS",
+        ),
+    )
+
+
 NAT_RISK = (
     "confirming at NF_IP_PRI_FIRST precedes SNAT/MASQUERADE (100) and helpers (300): entries the NAT hooks have "
     "seen (a NAT binding or extension: a nat table or chain is active in the netns) are queued unconfirmed "
@@ -389,6 +408,19 @@ STRATEGIES: tuple[Strategy, ...] = (
             "disabling while the enable transition is still pending reverses it mid-way: wait for transition 0 first",
         ),
         check=_check_livepatch,
+    ),
+    Strategy(
+        name="hold-ref",
+        summary="keep the entry of every __nf_conntrack_confirm() call alive for one RCU grace period",
+        touches="an ftrace_ops without IPMODIFY on the exported __nf_conntrack_confirm (no code replaced)",
+        needs="CONFIG_DYNAMIC_FTRACE_WITH_REGS; register_ftrace_function, ftrace_set_filter_ip; no private symbol",
+        undo="unregister_ftrace_function, remove the filter, rcu_barrier() until every held reference is dropped",
+        risks=(
+            "a GFP_ATOMIC allocation per new connection: when it fails that call is unprotected (counted)",
+            "relies on every caller of the inline confirm using the entry inside an RCU read-side section "
+            "(true of the netfilter hooks, NFQUEUE reinjection, bridge, openvswitch, act_ct and IPVS)",
+        ),
+        check=_check_hold_ref,
     ),
 )
 

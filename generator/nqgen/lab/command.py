@@ -102,6 +102,8 @@ def _progress(verbose: bool) -> Any:
               help="Boots per configuration (to state results with their spread).")
 @click.option("--nfqueue-variants", is_flag=True,
               help="Also run each strategy that does not queue with all UDP sent through NFQUEUE.")
+@click.option("--beside", metavar="STRATEGY",
+              help="Also run every other strategy with this generated strategy's module loaded first (coexistence).")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json to stdout instead of the table.")
 @click.option("--append", default="", help="Extra kernel command line.")
 @click.option("--detector/--no-detector", default=True, show_default=True,
@@ -122,6 +124,7 @@ def lab(
     baselines: bool,
     repeat: int,
     nfqueue_variants: bool,
+    beside: str | None,
     as_json: bool,
     append: str,
     detector: bool,
@@ -141,6 +144,7 @@ def lab(
     if kdir is None:
         kdir = modules_dir / "build"
     manifests = discover(out, strategies)
+    beside_manifest = discover(out, (beside,))[0] if beside is not None else None
     if memory is None:
         memory = "1G" if image.kasan else "512M"
     config = LabConfig(
@@ -154,6 +158,7 @@ def lab(
         baselines=baselines,
         repeat=repeat,
         nfqueue_variants=nfqueue_variants,
+        beside=beside_manifest,
         logs_dir=out / "lab-logs",
         append=append,
         detector=detector,

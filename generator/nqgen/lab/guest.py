@@ -64,6 +64,9 @@ class GuestPlan:
     queue_base: int | None = None  # the NFQUEUE consumer binds queue_base..queue_base+queue_count-1
     queue_count: int = 0
     detector: GuestModule | None = None  # the stale-use detector, loaded after the kernel's modules
+    # a second generated module loaded before the mitigation and left loaded (does it coexist?)
+    companion: GuestModule | None = None
+    companion_livepatch_sysfs: str | None = None  # its livepatch directory when it is a livepatch
 
 
 _PRELUDE = r"""#!/bin/sh
@@ -191,6 +194,12 @@ def render_init(plan: GuestPlan) -> str:
         )
         lines.append("Q=$!")
         lines.append('wait_file /tmp/q.ready || emit "{\\"type\\":\\"error\\",\\"what\\":\\"queue-not-ready\\"}"')
+    if plan.companion is not None:
+        c = plan.companion
+        cparams = " ".join(_q(p) for p in c.params)
+        lines.append(f"load companion {_q(c.name)} {_q(c.path)} false {cparams} && CMP=1")
+        if plan.companion_livepatch_sysfs is not None:
+            lines.append(_livepatch_wait_block(_q(plan.companion_livepatch_sysfs), "CMP"))
     lines.append("ctstat before")
     lines.append("detector before")
     lines.append("taint before")
@@ -238,10 +247,15 @@ def _livepatch_dir(plan: GuestPlan) -> str:
 
 
 def _patched_block(plan: GuestPlan) -> str:
-    """Wait until the livepatch transition finished, so the workload runs fully patched."""
+    """Wait until the mitigation's livepatch transition finished, so the workload runs fully patched."""
+    return _livepatch_wait_block(_livepatch_dir(plan), "MIT")
+
+
+def _livepatch_wait_block(lp_dir: str, loaded_var: str) -> str:
+    """Wait until the livepatch in ``lp_dir`` finished its transition (when ``$loaded_var`` is 1)."""
     return (
-        'if [ "$MIT" = 1 ]; then\n'
-        f"\tLP={_livepatch_dir(plan)}\n"
+        f'if [ "${loaded_var}" = 1 ]; then\n'
+        f"\tLP={lp_dir}\n"
         "\ti=0\n"
         '\twhile [ "$(cat "$LP/transition" 2>/dev/null)" != 0 ] && [ $i -lt 300 ]; do\n'
         "\t\tusleep 100000\n\t\ti=$((i + 1))\n\tdone\n"

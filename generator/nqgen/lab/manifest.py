@@ -10,7 +10,8 @@ from typing import Any
 from ..errors import InputError
 
 MANIFEST = "nqgen-module.json"
-STRATEGY_ORDER = ("advance-confirm", "advance-confirm-corrected", "ftrace", "hook-swap", "stop-hook", "livepatch")
+STRATEGY_ORDER = ("advance-confirm", "advance-confirm-corrected", "ftrace", "hook-swap", "stop-hook", "livepatch",
+                  "hold-ref")
 
 
 @dataclass(frozen=True)

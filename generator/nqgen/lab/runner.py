@@ -46,6 +46,7 @@ class LabConfig:
     baselines: bool = True
     repeat: int = 1  # boots per configuration
     nfqueue_variants: bool = False  # also run each non-queueing strategy with all UDP through NFQUEUE
+    beside: Manifest | None = None  # also run each other strategy with this module loaded first
     busybox: Path = Path("/bin/busybox")
     logs_dir: Path | None = None  # console and result logs per run are copied here
     append: str = ""
@@ -60,6 +61,7 @@ class RunSpec:
     manifest: Manifest | None
     nfqueue: bool  # the helper queues all UDP to queue 0 (baseline with NFQUEUE)
     repeat: int = 1  # 1-based index among the boots of this configuration
+    beside: Manifest | None = None  # another generated module loaded first and left loaded
 
 
 @dataclass
@@ -85,18 +87,25 @@ def _fails_lab(r: RunResult) -> bool:
 
 
 def plan_runs(
-    manifests: list[Manifest], baselines: bool, repeat: int = 1, nfqueue_variants: bool = False
+    manifests: list[Manifest],
+    baselines: bool,
+    repeat: int = 1,
+    nfqueue_variants: bool = False,
+    beside: Manifest | None = None,
 ) -> list[RunSpec]:
-    """Boots in order: every configuration ``repeat`` times in a row."""
-    configs: list[tuple[str, Manifest | None, bool]] = []
+    """Boots in order: every configuration ``repeat`` times in a row. With ``beside``, every other strategy
+    also runs once more with that module loaded first (``<strategy>+<beside>``): can the two coexist?"""
+    configs: list[tuple[str, Manifest | None, bool, Manifest | None]] = []
     if baselines:
-        configs.append(("baseline", None, False))
-        configs.append(("baseline-nfqueue", None, True))
+        configs.append(("baseline", None, False, None))
+        configs.append(("baseline-nfqueue", None, True, None))
     for m in manifests:
-        configs.append((m.strategy, m, False))
+        configs.append((m.strategy, m, False, None))
         if nfqueue_variants and m.queue_base is None:
-            configs.append((f"{m.strategy}+nfqueue", m, True))
-    return [RunSpec(name, m, q, i) for name, m, q in configs for i in range(1, repeat + 1)]
+            configs.append((f"{m.strategy}+nfqueue", m, True, None))
+        if beside is not None and m.strategy != beside.strategy:
+            configs.append((f"{m.strategy}+{beside.strategy}", m, False, beside))
+    return [RunSpec(name, m, q, i, b) for name, m, q, b in configs for i in range(1, repeat + 1)]
 
 
 def _check_static(busybox: Path) -> None:
@@ -165,6 +174,7 @@ class _Guest:
         mitigation: Manifest | None,
         init: str | None = None,
         extra: dict[str, Path] | None = None,
+        beside: Manifest | None = None,
     ) -> bytes:
         """The boot's initramfs; a scenario passes its own ``init`` script and ``extra`` files (guest path -> file)."""
         c = Cpio()
@@ -189,8 +199,9 @@ class _Guest:
         c.copy(HELPER_GUEST_PATH.lstrip("/"), self.helper)
         if self.detector is not None:
             c.copy(DETECTOR_GUEST_PATH.lstrip("/"), self.detector)
-        if mitigation is not None:
-            c.copy(f"nqlab/{mitigation.module}.ko", mitigation.ko)
+        for m in (mitigation, beside):
+            if m is not None:
+                c.copy(f"nqlab/{m.module}.ko", m.ko)
         for dest, src in (extra or {}).items():
             c.copy(dest.lstrip("/"), src)
         c.file("init", (render_init(plan) if init is None else init).encode(), 0o755)
@@ -227,10 +238,17 @@ def _plan(
             queue_count=queue_count,
             detector=det,
         )
+    b = spec.beside
     return GuestPlan(
         run=spec.name,
         deps=guest_deps,
         helper=helper,
+        companion=None if b is None else GuestModule(
+            b.module, f"/nqlab/{b.module}.ko", "companion", tuple(f"{k}={v}" for k, v in b.params.items())
+        ),
+        companion_livepatch_sysfs=None if b is None or b.unload != "livepatch" else (
+            b.livepatch_sysfs or f"/sys/kernel/livepatch/{b.module}"
+        ),
         mitigation=GuestModule(
             m.module, f"/nqlab/{m.module}.ko", "mitigation", tuple(f"{k}={v}" for k, v in m.params.items())
         ),
@@ -251,14 +269,14 @@ def _plan(
 def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     """Boot once for ``spec`` and return what was measured."""
     cfg = guest.config
-    extra = [spec.manifest.ko] if spec.manifest is not None else []
+    extra = [m.ko for m in (spec.manifest, spec.beside) if m is not None]
     deps = guest.closure(extra, bridge=spec.manifest is not None and _bridge(spec.manifest))
     plan = _plan(spec, deps, guest.release, cfg.workload, guest.detector is not None)
     tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
     run_dir = work / tag
     run_dir.mkdir(parents=True, exist_ok=True)
     initrd = run_dir / "initrd.cpio"
-    initrd.write_bytes(guest.initramfs(plan, deps, spec.manifest))
+    initrd.write_bytes(guest.initramfs(plan, deps, spec.manifest, spec.beside))
     outcome = boot(
         QemuConfig(
             kernel=cfg.kernel.boot_path,
@@ -329,14 +347,14 @@ def run_lab(
     w = config.workload
     if not 1 <= w.rounds <= MAX_ROUNDS or not 1 <= w.threads <= 16 or w.health_rounds + w.rounds > MAX_ROUNDS + 100:
         raise InputError(f"rounds must be 1..{MAX_ROUNDS} and threads 1..16")
-    for m in manifests:
+    for m in [*manifests, *([config.beside] if config.beside is not None else [])]:
         if not m.ko.is_file():
             raise InputError(f"{m.ko} does not exist (build the module first)")
         _check_vermagic(m.ko, config.kernel.release, f"{m.ko.name} ({m.strategy})")
         name = (modinfo(m.ko).get("name") or [m.module])[0]
         if name != m.module:
             raise InputError(f"{m.ko} is module {name!r}, its manifest says {m.module!r}")
-    specs = plan_runs(manifests, config.baselines, config.repeat, config.nfqueue_variants)
+    specs = plan_runs(manifests, config.baselines, config.repeat, config.nfqueue_variants, config.beside)
     if not specs:
         raise InputError("nothing to run: no baseline and no built strategy")
     lab = LabRun(config=config, date=datetime.now(UTC).isoformat(timespec="seconds"))
