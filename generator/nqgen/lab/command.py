@@ -104,6 +104,11 @@ def _progress(verbose: bool) -> Any:
               help="Also run each strategy that does not queue with all UDP sent through NFQUEUE.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json to stdout instead of the table.")
 @click.option("--append", default="", help="Extra kernel command line.")
+@click.option("--scenario", type=click.Choice(["seed", "node"]), default="seed", show_default=True,
+              help="seed: the lab's own racing senders; node: a real node (dnsmasq, iptables NAT+NFQUEUE, "
+                   "conntrack -E, glibc's resolver) in network namespaces.")
+@click.option("--lookups", type=click.IntRange(1, 400), default=200, show_default=True,
+              help="node scenario: getaddrinfo lookups per family.")
 def lab(
     out: Path,
     kernel: Path | None,
@@ -122,6 +127,8 @@ def lab(
     nfqueue_variants: bool,
     as_json: bool,
     append: str,
+    scenario: str,
+    lookups: int,
 ) -> None:
     """Boot the kernel under qemu (TCG): baselines, then one boot per generated strategy, and report."""
     if not out.is_dir():
@@ -140,6 +147,13 @@ def lab(
     manifests = discover(out, strategies)
     if memory is None:
         memory = "1G" if image.kasan else "512M"
+    if scenario == "node":
+        from .scenarios.node.command import run_node_command
+        from .scenarios.node.script import NodeWorkload
+
+        run_node_command(out, image, modules_dir, kdir, manifests, NodeWorkload(lookups=lookups), smp, memory,
+                         max(timeout, 400.0), baselines, repeat, append)
+        return
     config = LabConfig(
         kernel=image,
         modules_dir=modules_dir,

@@ -1,0 +1,90 @@
+"""The kernel modules the node's ruleset needs, and the in-tree ones a kernel's config left out.
+
+Roots are named, never their dependencies: those come from ``modules.dep`` (:mod:`nqgen.lab.modtree`).
+A root that is neither a module of the tree nor built in is built from the kernel's own source in the
+build tree (``kdir``) as an out-of-tree module -- the vulnerable reference kernel's config
+(``repro/config.fragment``) has no veth, no IPv6 NAT, no raw table, no CT target and no TFTP helper. The
+source is the kernel's own file, compiled with the kernel's own flags (KASAN included); a kernel whose
+build tree holds only headers cannot do that and the scenario says which module is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ....errors import BuildError, InputError
+from ...build import _first_error
+from ...modtree import ModuleTree, modinfo_depends
+
+# Loaded in this order after their dependencies; every one is needed by the ruleset or the topology.
+NODE_ROOTS = (
+    "nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue", "nf_nat", "veth",
+    "ip_tables", "iptable_filter", "iptable_nat", "iptable_raw",
+    "ip6_tables", "ip6table_filter", "ip6table_nat", "ip6table_raw",
+    "xt_tcpudp", "xt_MASQUERADE", "xt_NFQUEUE", "xt_CT", "nf_conntrack_tftp", "nf_nat_tftp",
+)
+# Where each root lives in the kernel source (single-file modules), for kernels that did not build it.
+IN_TREE_SOURCE = {
+    "veth": "drivers/net/veth.c",
+    "ip6table_nat": "net/ipv6/netfilter/ip6table_nat.c",
+    "iptable_raw": "net/ipv4/netfilter/iptable_raw.c",
+    "ip6table_raw": "net/ipv6/netfilter/ip6table_raw.c",
+    "iptable_nat": "net/ipv4/netfilter/iptable_nat.c",
+    "xt_CT": "net/netfilter/xt_CT.c",
+    "xt_MASQUERADE": "net/netfilter/xt_MASQUERADE.c",
+    "xt_NFQUEUE": "net/netfilter/xt_NFQUEUE.c",
+    "nf_conntrack_tftp": "net/netfilter/nf_conntrack_tftp.c",
+    "nf_nat_tftp": "net/netfilter/nf_nat_tftp.c",
+}
+
+
+@dataclass(frozen=True)
+class NodeModules:
+    """What the guest loads: tree modules in dependency order, then the modules built from source."""
+
+    extras: dict[str, Path]  # module name -> .ko built from the kernel's source (load order kept)
+
+    @property
+    def extra_names(self) -> list[str]:
+        return list(self.extras)
+
+
+def missing_roots(tree: ModuleTree) -> list[str]:
+    """Roots the tree neither ships nor has built in."""
+    return [r for r in NODE_ROOTS if r.replace("-", "_") not in tree.paths and r not in tree.builtin]
+
+
+def build_extras(tree: ModuleTree, kdir: Path, dest: Path) -> NodeModules:
+    """Build every missing root from ``kdir``'s own source in one external-module build."""
+    import subprocess
+
+    missing = missing_roots(tree)
+    if not missing:
+        return NodeModules({})
+    unknown = [m for m in missing if m not in IN_TREE_SOURCE]
+    absent = [m for m in missing if m in IN_TREE_SOURCE and not (kdir / IN_TREE_SOURCE[m]).is_file()]
+    if unknown or absent:
+        raise InputError(
+            f"the node scenario needs module(s) {', '.join(unknown + absent)} that kernel {tree.root.name} neither "
+            f"ships nor has built in, and {kdir} holds no source to build them from"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    objs = []
+    for name in missing:
+        (dest / f"{name}.c").write_text((kdir / IN_TREE_SOURCE[name]).read_text())
+        objs.append(f"{name}.o")
+    (dest / "Kbuild").write_text(f"obj-m := {' '.join(objs)}\n")
+    proc = subprocess.run(["make", "-C", str(kdir), f"M={dest}", "modules"], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"building {', '.join(missing)} from {kdir} failed: {_first_error(proc.stdout + proc.stderr)}")
+    return NodeModules({name: dest / f"{name}.ko" for name in missing})
+
+
+def tree_roots(tree: ModuleTree, extras: NodeModules) -> list[str]:
+    """Roots to resolve in the tree: the shipped ones plus what the built extras depend on."""
+    roots = [r for r in NODE_ROOTS if r not in extras.extras]
+    for ko in extras.extras.values():
+        roots += [d for d in modinfo_depends(ko) if d not in extras.extras]
+    return roots
