@@ -7,7 +7,7 @@ NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro node node-repro clean
 
 all: test
 
@@ -51,5 +51,14 @@ repro-kernel: deps
 repro: repro-kernel
 	$(PY) -m nqgen.repro --out $(OUT)-repro
 
+# The node scenario in full (real dnsmasq, iptables NAT + NFQUEUE, conntrack -E, glibc's resolver):
+# on the installed Debian kernel, and on the vulnerable reference kernel.
+node: deps
+	krel=$$(scripts/debian-kernel) && $(PY) -m nqgen.lab.scenarios.node --target debian --release $$krel \
+		--out $(OUT)-node
+
+node-repro: repro-kernel
+	$(PY) -m nqgen.lab.scenarios.node --target repro --out $(OUT)-node-repro
+
 clean:
-	rm -rf $(OUT) $(OUT)-repro .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(OUT) $(OUT)-repro $(OUT)-node $(OUT)-node-repro .pytest_cache .mypy_cache .ruff_cache

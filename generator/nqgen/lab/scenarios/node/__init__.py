@@ -2,8 +2,8 @@
 
 Inside the guest only (qemu has no network device), in network namespaces created with iproute2's ``ip``:
 a ``pod`` namespace behind a veth pair, an ``upstream`` namespace running ``dnsmasq`` (A and AAAA for a
-few hundred names) and ``in.tftpd``, and the node (the initial namespace) routing between them with a real
-``iptables-legacy``/``ip6tables-legacy`` ruleset: MASQUERADE of the pod subnets, an NFQUEUE rule for UDP
+few hundred names, and TFTP from its built-in server), and the node (the initial namespace) routing
+between them with a real /``ip6tables-legacy`` ruleset: MASQUERADE of the pod subnets, an NFQUEUE rule for UDP
 (``--queue-balance``, ``--queue-bypass``) served by a consumer that holds packets briefly, and the TFTP
 conntrack helper attached through the raw table. ``conntrack -E`` listens to events. The pod's client is
 glibc's resolver (``getaddrinfo(AF_UNSPEC)`` in several threads, linked against Debian's glibc) and

@@ -132,7 +132,8 @@ def node_markdown(lab: dict[str, Any]) -> str:
         f"{' (KASAN)' if k.get('kasan') else ''}, {lab['date']}",
         "",
         "Real software only in the packet path: a pod namespace behind a veth, an upstream namespace with Debian's "
-        "`dnsmasq` and `in.tftpd`, the node routing between them with an `iptables-legacy`/`ip6tables-legacy` "
+        "`dnsmasq` (DNS, and TFTP from its built-in server), the node routing between them with an "
+        "`iptables-legacy`/`ip6tables-legacy` "
         f"ruleset (MASQUERADE of the pod subnets, `NFQUEUE --queue-balance {w['queue_base']}:"
         f"{w['queue_base'] + w['queue_count'] - 1} --queue-bypass` for forwarded UDP, the TFTP helper through "
         "`-t raw ... -j CT --helper tftp`), `conntrack -E` listening, and the pod resolving with glibc's "

@@ -162,14 +162,9 @@ def _servers_lines(plan: NodePlan) -> list[str]:
         f"$IP netns exec {UP_NS} /usr/sbin/dnsmasq -k -C /dev/null --no-resolv --no-hosts --addn-hosts={HOSTS_PATH}"
         f" --bind-interfaces --listen-address={v4.server} --listen-address={v6.server} -u root -g root"
         " --pid-file=/tmp/dnsmasq.pid --log-queries --log-facility=/tmp/dnsmasq.log --dns-forward-max=1000"
-        f" {dns} > /tmp/dnsmasq.out 2>&1 &",
+        # dnsmasq's own TFTP server: data leaves from a new port, so the reply needs the conntrack helper
+        f" --enable-tftp --tftp-root=/srv/tftp {dns} > /tmp/dnsmasq.out 2>&1 &",
         "DNS=$!",
-        f"$IP netns exec {UP_NS} /usr/sbin/in.tftpd -L -4 -a {v4.server}:69 -u root -s /srv/tftp"
-        " > /tmp/tftpd4.out 2>&1 &",
-        "T4=$!",
-        f"$IP netns exec {UP_NS} /usr/sbin/in.tftpd -L -6 -a [{v6.server}]:69 -u root -s /srv/tftp"
-        " > /tmp/tftpd6.out 2>&1 &",
-        "T6=$!",
         "i=0",
         f"while ! grep -q 'read {HOSTS_PATH}' /tmp/dnsmasq.log 2>/dev/null && [ $i -lt 250 ]; do"
         " usleep 20000; i=$((i + 1)); done",
@@ -259,7 +254,7 @@ def render_node_init(plan: NodePlan) -> str:
     lines += ["ctstat health", "taint health"]
     lines += [
         '[ -n "$Q" ] && kill -TERM $Q',
-        "kill -TERM $CT $DNS $T4 $T6 2>/dev/null",
+        "kill -TERM $CT $DNS 2>/dev/null",
         "wait",
         '[ -n "$Q" ] && cat /tmp/q.json > $R',
         "capture ctevents /tmp/ct.events",

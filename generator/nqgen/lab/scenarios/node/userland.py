@@ -1,7 +1,7 @@
 """Debian's own programs in the guest: each binary at its own path with the shared libraries ``ldd`` lists.
 
 The node scenario runs the distribution's dynamically linked programs (iproute2's ``ip``, ``dnsmasq``,
-``iptables-legacy``, ``conntrack``, tftp-hpa) and a resolver client linked against Debian's glibc. Each
+``iptables-legacy``, ``conntrack``, tftp-hpa's client) and a resolver client linked against Debian's glibc. Each
 binary and every library the host's ``ldd`` resolves for it are copied to the same absolute paths in the
 initramfs (file contents, so the merged-/usr symlinks of the host do not matter); ``iptables``' extension
 plugins, which are loaded with ``dlopen``, are copied with their own libraries.
@@ -25,7 +25,6 @@ PROGRAMS: dict[str, str] = {
     "/usr/sbin/xtables-legacy-multi": "iptables",
     "/usr/sbin/conntrack": "conntrack",
     "/usr/bin/tftp": "tftp-hpa",
-    "/usr/sbin/in.tftpd": "tftpd-hpa",
 }
 # names through which xtables-legacy-multi picks the legacy x_tables front end
 XTABLES_LINKS = ("iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy")
