@@ -210,3 +210,20 @@ def test_node_scenario_on_the_reference_kernel(tmp_path: Path) -> None:
     assert ft["kasan_reports"] == 0 and problems(ft) == []
     for fam in ("ipv4", "ipv6"):
         assert answered(ft, fam) == (60, 60)
+
+
+def test_modules_a_kernel_left_out_need_its_source(tmp_path: Path, debian: DebianKernel) -> None:
+    from nqgen.errors import InputError
+    from nqgen.lab.modtree import ModuleTree
+    from nqgen.lab.scenarios.node import kmods
+
+    tree_dir = tmp_path / "lib/modules/r"
+    tree_dir.mkdir(parents=True)
+    have = [r for r in kmods.NODE_ROOTS if r not in ("veth", "ip6table_nat")]
+    (tree_dir / "modules.dep").write_text("".join(f"kernel/{r}.ko:\n" for r in have))
+    tree = ModuleTree.load(tree_dir)
+    assert kmods.missing_roots(tree) == ["veth", "ip6table_nat"]
+    # Debian's headers package holds no .c files: the scenario must say what is missing, not half-build
+    with pytest.raises(InputError, match="veth, ip6table_nat"):
+        kmods.build_extras(tree, debian.kdir, tmp_path / "extras")
+    assert not (tmp_path / "extras").exists()
