@@ -43,7 +43,8 @@ def run_full(out: Path, target: str, release: str | None, lookups: int, jobs: in
     if make.returncode != 0:
         raise BuildError(f"make -C {out} failed")
     cmd = [*nqgen, "lab", "--scenario", "node", "--out", str(out), "--kernel", str(image), "--modules-dir",
-           str(mods), "--kdir", str(kdir), "--lookups", str(lookups), "--repeat", str(repeat)]
+           str(mods), "--kdir", str(kdir), "--lookups", str(lookups), "--repeat", str(repeat),
+           "--timeout", "900" if target == "repro" else "400"]
     for s in strategies:
         cmd += ["--strategy", s]
     return subprocess.run(cmd, check=False).returncode
