@@ -166,12 +166,13 @@ def test_node_scenario_on_the_debian_kernel(debian: DebianKernel, tmp_path: Path
     image = resolve_image(debian.vmlinuz, default_cache_dir())
     config = NodeConfig(kernel=image, modules_dir=debian.modules_dir, kdir=debian.kdir, memory="512M",
                         workload=NodeWorkload(lookups=30, health_lookups=10, deadline_s=10),
-                        sequential_baseline=False, timeout=400, logs_dir=out / "lab-logs")
+                        sequential_baseline=False, nat_only_baseline=False, timeout=400,
+                        logs_dir=out / "lab-logs")
     lab = _short(config, out, ("advance-confirm", "ftrace"))
     data = node_json(lab)
     runs = {r["name"]: r for r in data["runs"]}
-    assert set(runs) == {"baseline-nat-only", "baseline-nfqueue-pool", "advance-confirm", "ftrace"}
-    for name in ("baseline-nat-only", "baseline-nfqueue-pool", "ftrace"):
+    assert set(runs) == {"baseline-nfqueue-pool", "advance-confirm", "ftrace"}
+    for name in ("baseline-nfqueue-pool", "ftrace"):
         r = runs[name]
         assert problems(r) == [], (name, problems(r))
         for fam in ("ipv4", "ipv6"):
@@ -202,7 +203,8 @@ def test_node_scenario_on_the_reference_kernel(tmp_path: Path) -> None:
     image = resolve_image(rk.image, default_cache_dir())
     config = NodeConfig(kernel=image, modules_dir=rk.modules_dir, kdir=rk.kdir, memory="1G",
                         workload=NodeWorkload(lookups=60, health_lookups=10, deadline_s=20),
-                        sequential_baseline=False, timeout=600, logs_dir=out / "lab-logs")
+                        sequential_baseline=False, nat_only_baseline=False, timeout=900,
+                        logs_dir=out / "lab-logs")
     data = node_json(_short(config, out, ("ftrace",)))
     runs = {r["name"]: r for r in data["runs"]}
     assert runs["baseline-nfqueue-pool"]["kasan_reports"] > 0, "the real node did not reproduce the report"

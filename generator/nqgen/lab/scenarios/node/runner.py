@@ -41,6 +41,7 @@ class NodeConfig:
     timeout: float = 400.0
     baselines: bool = True
     sequential_baseline: bool = True  # also the baseline whose consumer verdicts one packet at a time
+    nat_only_baseline: bool = True  # also the baseline without NFQUEUE (NAT only)
     repeat: int = 1
     busybox: Path = Path("/bin/busybox")
     logs_dir: Path | None = None
@@ -64,7 +65,8 @@ def plan_node_runs(config: NodeConfig, manifests: list[Manifest]) -> list[NodeSp
     clashes at reinject."""
     specs: list[tuple[str, Manifest | None, int, bool]] = []
     if config.baselines:
-        specs.append(("baseline-nat-only", None, 1, False))
+        if config.nat_only_baseline:
+            specs.append(("baseline-nat-only", None, 1, False))
         if config.sequential_baseline:
             specs.append(("baseline-nfqueue-inorder", None, 1, True))
         specs.append(("baseline-nfqueue-pool", None, POOL_WORKERS, True))
