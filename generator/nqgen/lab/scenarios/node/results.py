@@ -65,7 +65,8 @@ class NodeRun:
     queue: bool
     lookups: list[Lookups] = field(default_factory=list)
     tftp: dict[str, dict[str, Any]] = field(default_factory=dict)  # family -> record
-    nat: dict[str, NatEvidence] = field(default_factory=dict)
+    nat: dict[str, NatEvidence] = field(default_factory=dict)  # during the workload (mitigation loaded)
+    nat_all: dict[str, NatEvidence] = field(default_factory=dict)  # the whole boot, lookups after unload too
     setup_errors: list[str] = field(default_factory=list)
     ruleset: str = ""
 
@@ -95,6 +96,7 @@ class NodeRun:
         d["lookups"] = [vars(x) | {"lost": x.lost} for x in self.lookups]
         d["tftp"] = self.tftp
         d["nat"] = {k: vars(v) for k, v in self.nat.items()}
+        d["nat_all"] = {k: vars(v) for k, v in self.nat_all.items()}
         d["setup_errors"] = self.setup_errors
         d["kasan_reports"] = self.kasan
         d["ruleset"] = self.ruleset
@@ -165,6 +167,7 @@ def parse_node(run: NodeRun, text: str) -> None:
     """Fill ``run`` from the guest's JSON lines: the common records first, then the node's own."""
     apply_results(run.base, text)
     captures: dict[str, str] = {}
+    marks: dict[str, int] = {}
     for raw in text.splitlines():
         line = raw.strip().strip("\x00")
         if not line.startswith("{"):
@@ -203,8 +206,17 @@ def parse_node(run: NodeRun, text: str) -> None:
             run.setup_errors.append(f"{rec.get('step')} (rc {rec.get('rc')}): {_b64(rec.get('b64')).strip()[:200]}")
         elif kind == "ruleset":
             run.ruleset = _b64(rec.get("b64"))
+        elif kind == "marks":
+            marks = {k: int(v) for k, v in rec.items() if isinstance(v, int) and not isinstance(v, bool)}
         elif kind == "capture":
             captures[str(rec.get("what"))] = _gz_b64(rec.get("gz_b64"))
-    run.nat = nat_evidence(captures.get("ctevents", ""), captures.get("dnsmasq", ""))
+    ct, dns = captures.get("ctevents", ""), captures.get("dnsmasq", "")
+    run.nat_all = nat_evidence(ct, dns)
+    if "ctevents" in marks and "dnsmasq" in marks:
+        ct = "\n".join(ct.splitlines()[: marks["ctevents"]])
+        dns = "\n".join(dns.splitlines()[: marks["dnsmasq"]])
+    else:
+        run.base.errors.append("no workload marks: NAT evidence covers the whole boot")
+    run.nat = nat_evidence(ct, dns)
     if run.setup_errors:
         run.base.errors += [f"node setup: {e}" for e in run.setup_errors]

@@ -247,6 +247,9 @@ def render_node_init(plan: NodePlan) -> str:
             lines.append(patched_block(m))
         lines += ["counters loaded", "taint loaded"]
     lines += _traffic_lines(w, "workload", 0, w.lookups)
+    # where the workload ends in the event stream and the query log (conntrack -E flushes every event)
+    lines.append('emit "{\\"type\\":\\"marks\\",\\"phase\\":\\"workload\\",'
+                 '\\"ctevents\\":$(wc -l < /tmp/ct.events),\\"dnsmasq\\":$(wc -l < /tmp/dnsmasq.log)}"')
     lines += ["counters workload", "ctstat workload", "taint workload"]
     if m is not None and m.mitigation is not None:
         lines += [unload_block(m), "counters unloaded", "taint unloaded"]
