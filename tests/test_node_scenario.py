@@ -231,3 +231,26 @@ def test_modules_a_kernel_left_out_need_its_source(tmp_path: Path, debian: Debia
     with pytest.raises(InputError, match="veth, ip6table_nat"):
         kmods.build_extras(tree, debian.kdir, tmp_path / "extras")
     assert not (tmp_path / "extras").exists()
+
+
+SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+
+
+@pytest.mark.skipif(not SOURCE_TARBALL.is_file(), reason="needs linux-source-6.1 (scripts/install-deps)")
+def test_modules_a_kernel_left_out_are_built_from_its_source(tmp_path: Path, debian: DebianKernel) -> None:
+    from nqgen.lab.modtree import ModuleTree, modinfo
+    from nqgen.lab.scenarios.node import kmods
+
+    names = ["veth", "ip6table_nat", "iptable_raw", "ip6table_raw", "xt_CT", "nf_conntrack_tftp", "nf_nat_tftp"]
+    tree_dir = tmp_path / "tree"
+    tree_dir.mkdir()
+    have = [r for r in kmods.NODE_ROOTS if r not in names]
+    (tree_dir / "modules.dep").write_text("".join(f"kernel/{r}.ko:\n" for r in have))
+    members = [f"linux-source-6.1/{kmods.IN_TREE_SOURCE[n]}" for n in names]
+    members.append("linux-source-6.1/net/netfilter/nf_internals.h")
+    subprocess.run(["tar", "-xJf", str(SOURCE_TARBALL), "-C", str(tmp_path), *members], check=True, timeout=600)
+    built = kmods.build_extras(ModuleTree.load(tree_dir), debian.kdir, tmp_path / "extras",
+                               source=tmp_path / "linux-source-6.1")
+    assert list(built.extras) == [r for r in kmods.NODE_ROOTS if r in names]  # nf_conntrack_tftp before nf_nat_tftp
+    for name, ko in built.extras.items():
+        assert modinfo(ko)["vermagic"][0].split()[0] == debian.release, name

@@ -55,26 +55,30 @@ def missing_roots(tree: ModuleTree) -> list[str]:
     return [r for r in NODE_ROOTS if r.replace("-", "_") not in tree.paths and r not in tree.builtin]
 
 
-def build_extras(tree: ModuleTree, kdir: Path, dest: Path) -> NodeModules:
-    """Build every missing root from ``kdir``'s own source in one external-module build."""
+def build_extras(tree: ModuleTree, kdir: Path, dest: Path, source: Path | None = None) -> NodeModules:
+    """Build every missing root from the kernel's own source (``source``, default the build tree ``kdir``)
+    in one external-module build against ``kdir``."""
     import subprocess
 
+    src = source or kdir
     missing = missing_roots(tree)
     if not missing:
         return NodeModules({})
     unknown = [m for m in missing if m not in IN_TREE_SOURCE]
-    absent = [m for m in missing if m in IN_TREE_SOURCE and not (kdir / IN_TREE_SOURCE[m]).is_file()]
+    absent = [m for m in missing if m in IN_TREE_SOURCE and not (src / IN_TREE_SOURCE[m]).is_file()]
     if unknown or absent:
         raise InputError(
             f"the node scenario needs module(s) {', '.join(unknown + absent)} that kernel {tree.root.name} neither "
-            f"ships nor has built in, and {kdir} holds no source to build them from"
+            f"ships nor has built in, and {src} holds no source to build them from"
         )
     dest.mkdir(parents=True, exist_ok=True)
     objs = []
     for name in missing:
-        (dest / f"{name}.c").write_text((kdir / IN_TREE_SOURCE[name]).read_text())
+        (dest / f"{name}.c").write_text((src / IN_TREE_SOURCE[name]).read_text())
         objs.append(f"{name}.o")
-    (dest / "Kbuild").write_text(f"obj-m := {' '.join(objs)}\n")
+    # sources include private headers of their own directory (xt_CT.c: "nf_internals.h")
+    incdirs = sorted({str((src / IN_TREE_SOURCE[name]).parent.resolve()) for name in missing})
+    (dest / "Kbuild").write_text(f"obj-m := {' '.join(objs)}\nccflags-y := {' '.join('-I' + d for d in incdirs)}\n")
     proc = subprocess.run(["make", "-C", str(kdir), f"M={dest}", "modules"], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
