@@ -202,7 +202,7 @@ def test_node_scenario_on_the_reference_kernel(tmp_path: Path) -> None:
     _generate(rk.kdir, rk.modules_dir / "kernel/net/netfilter/nf_conntrack.ko", out)
     image = resolve_image(rk.image, default_cache_dir())
     config = NodeConfig(kernel=image, modules_dir=rk.modules_dir, kdir=rk.kdir, memory="1G",
-                        # clashes are rare with real software (1-3 per 400 lookups on Debian's 6.1 with the pool
+                        # clashes are rare with real software (0-4 per 400 lookups on Debian's 6.1 with the pool
                         # consumer): all 400 names per family make a report likely (about 4 expected per boot)
                         workload=NodeWorkload(lookups=400, health_lookups=10, deadline_s=300),
                         sequential_baseline=False, nat_only_baseline=False, timeout=900,
