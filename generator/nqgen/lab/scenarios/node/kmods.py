@@ -17,13 +17,16 @@ from ....errors import BuildError, InputError
 from ...build import _first_error
 from ...modtree import ModuleTree, modinfo_depends
 
-# Loaded in this order after their dependencies; every one is needed by the ruleset or the topology.
+# Loaded in this order after their dependencies; every one is needed by the ruleset or the topology. A root is a
+# module name or an alias of one: MASQUERADE is ipt_/ip6t_MASQUERADE on 3.10 and xt_MASQUERADE (aliased) on 6.1.
 NODE_ROOTS = (
     "nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue", "nf_nat", "veth",
     "ip_tables", "iptable_filter", "iptable_nat", "iptable_raw",
     "ip6_tables", "ip6table_filter", "ip6table_nat", "ip6table_raw",
-    "xt_tcpudp", "xt_MASQUERADE", "xt_NFQUEUE", "xt_CT", "nf_conntrack_tftp", "nf_nat_tftp",
+    "xt_tcpudp", "ipt_MASQUERADE", "ip6t_MASQUERADE", "xt_NFQUEUE", "xt_CT", "nf_conntrack_tftp", "nf_nat_tftp",
 )
+# the module that provides an aliased root when the kernel must build it from source
+ALIAS_MODULE = {"ipt_MASQUERADE": "xt_MASQUERADE", "ip6t_MASQUERADE": "xt_MASQUERADE"}
 # Where each root lives in the kernel source (single-file modules), for kernels that did not build it.
 IN_TREE_SOURCE = {
     "veth": "drivers/net/veth.c",
@@ -50,9 +53,25 @@ class NodeModules:
         return list(self.extras)
 
 
+def _provider(tree: ModuleTree, root: str) -> str | None:
+    """The tree's module for a root (its name or an alias), None when missing or built in."""
+    if root in tree.paths:
+        return root
+    for name in tree.aliases.get(root, []):
+        if name in tree.paths:
+            return name
+    return None
+
+
 def missing_roots(tree: ModuleTree) -> list[str]:
-    """Roots the tree neither ships nor has built in."""
-    return [r for r in NODE_ROOTS if r.replace("-", "_") not in tree.paths and r not in tree.builtin]
+    """Modules to build: roots the tree neither ships (by name or alias) nor has built in, by module name."""
+    out: list[str] = []
+    for root in NODE_ROOTS:
+        module = ALIAS_MODULE.get(root, root)
+        present = _provider(tree, root) is not None or root in tree.builtin or module in tree.builtin
+        if not present and module not in out:
+            out.append(module)
+    return out
 
 
 def build_extras(tree: ModuleTree, kdir: Path, dest: Path, source: Path | None = None) -> NodeModules:
@@ -87,8 +106,14 @@ def build_extras(tree: ModuleTree, kdir: Path, dest: Path, source: Path | None =
 
 
 def tree_roots(tree: ModuleTree, extras: NodeModules) -> list[str]:
-    """Roots to resolve in the tree: the shipped ones plus what the built extras depend on."""
-    roots = [r for r in NODE_ROOTS if r not in extras.extras]
+    """Module names to resolve in the tree: the shipped roots plus what the built extras depend on."""
+    roots: list[str] = []
+    for root in NODE_ROOTS:
+        if ALIAS_MODULE.get(root, root) in extras.extras:
+            continue
+        module = _provider(tree, root)
+        if module is not None and module not in roots:
+            roots.append(module)
     for ko in extras.extras.values():
         roots += [d for d in modinfo_depends(ko) if d not in extras.extras]
     return roots
