@@ -8,7 +8,7 @@ OUT ?= out
 LAB_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel node node-repro clean
 
 all: test
 
@@ -68,5 +68,14 @@ RHEL_RECIPES ?= rhel77 rhel81 rhel81-kasan-free
 repro-rhel: deps
 	for r in $(RHEL_RECIPES); do $(PY) -m nqgen.repro --recipe $$r --out $(OUT)-repro-$$r || exit 1; done
 
+# The node scenario in full (real dnsmasq, iptables NAT + NFQUEUE, conntrack -E, glibc's resolver):
+# on the installed Debian kernel, and on the vulnerable reference kernel.
+node: deps
+	krel=$$(scripts/debian-kernel) && $(PY) -m nqgen.lab.scenarios.node --target debian --release $$krel \
+		--out $(OUT)-node
+
+node-repro: repro-kernel
+	$(PY) -m nqgen.lab.scenarios.node --target repro --out $(OUT)-node-repro
+
 clean:
-	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* $(OUT)-bench .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* $(OUT)-bench $(OUT)-node $(OUT)-node-repro .pytest_cache .mypy_cache .ruff_cache

@@ -67,6 +67,11 @@ def _check_strategy(name: str) -> None:
 @click.option("--symvers", type=_PATH, help="The target's Module.symvers (default <kdir>/Module.symvers).")
 @click.option("--out", type=_PATH, default=Path("out"), show_default=True, help="Output directory, replaced whole.")
 @click.option("--profile-only", is_flag=True, help="Print the kernel profile as JSON and write nothing.")
+@click.option("--nat", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Is NAT (SNAT/MASQUERADE) in the packet path? auto: inspect the running system if it runs "
+                   "the target kernel.")
+@click.option("--allow-nat-breakage", is_flag=True,
+              help="Generate strategies that break NAT (advance-confirm*) even when NAT is in the path.")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -80,6 +85,8 @@ def cli(
     symvers: Path | None,
     out: Path,
     profile_only: bool,
+    nat: str,
+    allow_nat_breakage: bool,
 ) -> None:
     """Generate kernel modules that mitigate the nf_conntrack confirm use-after-free (CVE-2022-49561).
 
@@ -135,7 +142,11 @@ def cli(
         )
     if inputs.kdir is None:
         raise InputError("no kernel headers tree to build against: pass --kdir")
-    result = generate(profile, strategy, out, str(inputs.kdir), argv=sys.argv[1:], say=click.echo)
+    from .natpath import decide_nat, gate
+
+    nat_path = decide_nat(nat, profile.release)
+    result = generate(profile, strategy, out, str(inputs.kdir), argv=sys.argv[1:], say=click.echo,
+                      adjust=lambda d: gate(d, nat_path, allow_nat_breakage))
     click.echo(f"wrote {result.out}: build with `make -C {result.out}`, compare in {result.out}/COMPARISON.md")
 
 

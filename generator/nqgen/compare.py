@@ -18,6 +18,7 @@ from .strategies import STRATEGIES, Feasibility, on_target
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "COMPARISON.md"
 LAB_JSON = "lab.json"
+NODE_LAB_JSON = "node-lab.json"  # the lab's node scenario (nqgen.lab.scenarios.node)
 
 
 def static_rows(profile: KernelProfile, results: dict[str, Feasibility]) -> list[dict[str, Any]]:
@@ -64,7 +65,7 @@ def _covers(row: dict[str, Any]) -> str:
     return ", ".join(covers) if covers else "none (narrows the window only)"
 
 
-def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None) -> str:
+def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None, node: dict[str, Any] | None = None) -> str:
     lines = [f"# nqgen comparison for {data['kernel']}", ""]
     if data["fix_present"]:
         lines += [
@@ -103,6 +104,10 @@ def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None) -> str:
         lines.append("")
     if lab is not None:
         lines.append(report.measured_markdown(lab))
+    if node is not None:
+        from .lab.scenarios.node.report import node_markdown
+
+        lines.append(node_markdown(node))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -114,4 +119,6 @@ def refresh(out: Path) -> None:
     if lab is not None:
         data["measured"] = report.measured_columns(lab)
         (out / COMPARISON_JSON).write_text(json.dumps(data, indent=2) + "\n")
-    (out / COMPARISON_MD).write_text(render_markdown(data, lab))
+    node_path = out / NODE_LAB_JSON
+    node = json.loads(node_path.read_text()) if node_path.is_file() else None
+    (out / COMPARISON_MD).write_text(render_markdown(data, lab, node))

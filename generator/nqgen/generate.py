@@ -40,10 +40,16 @@ def generate(
     kdir: str,
     argv: Sequence[str] = (),
     say: Callable[[str], None] = lambda _msg: None,
+    adjust: Callable[[dict[str, Feasibility]], dict[str, Feasibility]] | None = None,
 ) -> GenerationResult:
-    """Render the strategy (or all of them) for the profile into ``out``, replacing it only on success."""
+    """Render the strategy (or all of them) for the profile into ``out``, replacing it only on success.
+
+    ``adjust`` may refuse or annotate strategies for reasons outside the kernel (NAT in the path).
+    """
     names = expand(strategy)
     decisions = decide(profile, names)
+    if adjust is not None:
+        decisions = adjust(decisions)
     if strategy != "all" and not decisions[strategy].feasible:
         raise NotApplicableError(f"{strategy} cannot work on {profile.release}: {decisions[strategy].reason}")
     feasible = [n for n in names if decisions[n].feasible]

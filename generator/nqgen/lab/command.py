@@ -108,6 +108,11 @@ def _progress(verbose: bool) -> Any:
 @click.option("--append", default="", help="Extra kernel command line.")
 @click.option("--detector/--no-detector", default=True, show_default=True,
               help="Load the stale-use detector (nqlab_detect) where the kernel allows it.")
+@click.option("--scenario", type=click.Choice(["seed", "node"]), default="seed", show_default=True,
+              help="seed: the lab's own racing senders; node: a real node (dnsmasq, iptables NAT+NFQUEUE, "
+                   "conntrack -E, glibc's resolver) in network namespaces.")
+@click.option("--lookups", type=click.IntRange(1, 400), default=200, show_default=True,
+              help="node scenario: getaddrinfo lookups per family.")
 def lab(
     out: Path,
     kernel: Path | None,
@@ -128,6 +133,8 @@ def lab(
     as_json: bool,
     append: str,
     detector: bool,
+    scenario: str,
+    lookups: int,
 ) -> None:
     """Boot the kernel under qemu (TCG): baselines, then one boot per generated strategy, and report."""
     if not out.is_dir():
@@ -147,6 +154,13 @@ def lab(
     beside_manifest = discover(out, (beside,))[0] if beside is not None else None
     if memory is None:
         memory = "1G" if image.kasan else "512M"
+    if scenario == "node":
+        from .scenarios.node.command import run_node_command
+        from .scenarios.node.script import NodeWorkload
+
+        run_node_command(out, image, modules_dir, kdir, manifests, NodeWorkload(lookups=lookups), smp, memory,
+                         max(timeout, 400.0), baselines, repeat, append)
+        return
     config = LabConfig(
         kernel=image,
         modules_dir=modules_dir,

@@ -373,3 +373,9 @@ def _unload_block(plan: GuestPlan) -> str:
         '\\"stderr_b64\\":\\"$(b64 /tmp/unload.err)\\",\\"dmesg_b64\\":\\"$(b64 /tmp/kmsg)\\"}"\n'
         "fi"
     )
+
+
+# Shared with the lab's scenarios (nqgen.lab.scenarios): the shell helpers and the mitigation blocks.
+PRELUDE = _PRELUDE
+patched_block = _patched_block
+unload_block = _unload_block

@@ -276,7 +276,7 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     run_dir = work / tag
     run_dir.mkdir(parents=True, exist_ok=True)
     initrd = run_dir / "initrd.cpio"
-    initrd.write_bytes(guest.initramfs(plan, deps, spec.manifest, spec.beside))
+    initrd.write_bytes(guest.initramfs(plan, deps, spec.manifest, beside=spec.beside))
     outcome = boot(
         QemuConfig(
             kernel=cfg.kernel.boot_path,
