@@ -7,7 +7,7 @@ NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro sig-kernel clean
 
 all: test
 
@@ -50,6 +50,10 @@ repro-kernel: deps
 
 repro: repro-kernel
 	$(PY) -m nqgen.repro --out $(OUT)-repro
+
+# The reference kernel's variant that enforces module signatures and trusts nqgen's test key (tests/test_pkg.py).
+sig-kernel: deps
+	$(PY) -m nqgen.pkg.sigkernel
 
 clean:
 	rm -rf $(OUT) $(OUT)-repro .pytest_cache .mypy_cache .ruff_cache
