@@ -171,11 +171,14 @@ def _rpmbuild(top: Path, name: str, root: Path, files: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def el_rpms(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """kernel-devel (the headers trees under usr/src) and kernel (conntrack .ko.xz, config, symvers.gz)."""
+def el_rpms(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The installed kernel as EL packages: kernel-devel (the headers trees under usr/src), an EL7-style kernel
+    (conntrack .ko.xz, /boot/config-R, /boot/symvers-R.gz), and EL8's split kernel-core (config and symvers.gz
+    in /lib/modules/R) + kernel-modules (the .ko.xz)."""
     if shutil.which("rpmbuild") is None:
         pytest.skip("needs rpmbuild (make deps installs rpm)")
     top = tmp_path_factory.mktemp("rpm")
+    r = debian.release
     devel = top / "devel"
     arch_tree = debian.kdir.resolve()
     common = Path((arch_tree / "Makefile").read_text().split()[1]).parent
@@ -183,38 +186,48 @@ def el_rpms(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> l
         shutil.copytree(tree, devel / "usr/src" / tree.name, symlinks=True)
     kbuild = (arch_tree / "scripts").resolve().parent
     shutil.copytree(kbuild, devel / "usr/lib" / kbuild.name, symlinks=True)
-    kern = top / "kernel"
-    mod = kern / f"lib/modules/{debian.release}/kernel/net/netfilter/nf_conntrack.ko.xz"
-    mod.parent.mkdir(parents=True)
-    mod.write_bytes(lzma.compress(debian.nf_conntrack.read_bytes(), check=lzma.CHECK_CRC32))
-    (kern / "boot").mkdir()
-    shutil.copy(debian.config, kern / f"boot/config-{debian.release}")
-    (kern / f"boot/symvers-{debian.release}.gz").write_bytes(gzip.compress((arch_tree / "Module.symvers").read_bytes()))
-    return [
-        _rpmbuild(top, "kernel-devel", devel, ["/usr/src/*", "/usr/lib/*"]),
-        _rpmbuild(top, "kernel", kern, ["/lib/modules/*", "/boot/*"]),
-    ]
+    ko_xz = lzma.compress(debian.nf_conntrack.read_bytes(), check=lzma.CHECK_CRC32)
+    symvers_gz = gzip.compress((arch_tree / "Module.symvers").read_bytes())
+    config = debian.config.read_bytes()
+    trees: dict[str, dict[str, bytes]] = {
+        "kernel": {f"lib/modules/{r}/kernel/net/netfilter/nf_conntrack.ko.xz": ko_xz,
+                   f"boot/config-{r}": config, f"boot/symvers-{r}.gz": symvers_gz},
+        "kernel-core": {f"lib/modules/{r}/config": config, f"lib/modules/{r}/symvers.gz": symvers_gz},
+        "kernel-modules": {f"lib/modules/{r}/kernel/net/netfilter/nf_conntrack.ko.xz": ko_xz},
+    }  # fmt: skip
+    rpms = {"kernel-devel": _rpmbuild(top, "kernel-devel", devel, ["/usr/src/*", "/usr/lib/*"])}
+    for name, files in trees.items():
+        for rel, data in files.items():
+            (top / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (top / name / rel).write_bytes(data)
+        rpms[name] = _rpmbuild(top, name, top / name, [f"/{rel}" for rel in files])
+    return rpms
 
 
+@pytest.mark.parametrize("layout", [("kernel-devel", "kernel"), ("kernel-devel", "kernel-core", "kernel-modules")],
+                         ids=["el7", "el8"])  # fmt: skip
 def test_from_rpm_packages_profiles_like_the_installed_kernel(
-    debian: DebianKernel, el_rpms: list[Path], tmp_path: Path
+    debian: DebianKernel, el_rpms: dict[str, Path], layout: tuple[str, ...], tmp_path: Path
 ) -> None:
-    listing = _run(["rpm", "-qlp", str(el_rpms[1])]).stdout
-    assert f"/boot/symvers-{debian.release}.gz" in listing and "nf_conntrack.ko.xz" in listing
+    rpms = [el_rpms[n] for n in layout]
+    listing = _run(["rpm", "-qlp", *map(str, rpms)]).stdout
+    assert "nf_conntrack.ko.xz" in listing and "symvers" in listing
     env = {"NQGEN_CACHE": str(tmp_path / "cache")}
-    proc = run_nqgen([a for p in el_rpms for a in ("--from-package", str(p))] + ["--profile-only"], tmp_path, env)
+    args = [a for p in rpms for a in ("--from-package", str(p))] + ["--profile-only"]
+    proc = run_nqgen(args, tmp_path, env)
     assert proc.returncode == 0, proc.stderr
     from_rpms = json.loads(proc.stdout)
     _same_target(from_rpms, _profile(["--kdir", str(debian.kdir)], tmp_path))
     assert from_rpms["sources"]["module"].endswith("nf_conntrack.ko.xz")
     assert from_rpms["sources"]["symvers"].endswith("Module.symvers")  # the devel tree's, not symvers.gz
-    again = run_nqgen([a for p in el_rpms for a in ("--from-package", str(p))] + ["--profile-only"], tmp_path, env)
+    assert from_rpms["sources"]["config"].endswith(f"config-{debian.release}" if len(layout) == 2 else "/config")
+    again = run_nqgen(args, tmp_path, env)
     assert again.returncode == 0 and len(list((tmp_path / "cache/packages").iterdir())) == 1  # cached by content
 
 
-def test_an_rpm_without_the_modules_says_which_package_is_missing(el_rpms: list[Path], tmp_path: Path) -> None:
-    proc = run_nqgen(["--from-package", str(el_rpms[0]), "--profile-only"], tmp_path,
-                     {"NQGEN_CACHE": str(tmp_path / "cache")})  # fmt: skip
+def test_an_rpm_without_the_modules_says_which_package_is_missing(el_rpms: dict[str, Path], tmp_path: Path) -> None:
+    args = ["--from-package", str(el_rpms["kernel-devel"]), "--from-package", str(el_rpms["kernel-core"])]
+    proc = run_nqgen([*args, "--profile-only"], tmp_path, {"NQGEN_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 3
     assert "no nf_conntrack module" in proc.stderr and "kernel-core and kernel-modules (EL8)" in proc.stderr
 
@@ -342,6 +355,15 @@ def test_dkms_builds_for_its_kernel_and_refuses_another_blindly(debian: DebianKe
             log = Path(f"/var/lib/dkms/nqgen-ftrace/{version}/build/make.log").read_text()
             assert proc.returncode != 0
             assert f"not rebuilt blindly for {krel}" in log, log[-800:]
+            # with nqgen on the host, the build step re-runs nqgen against that kernel itself
+            proc = _run(["dkms", "build", name, "-k", krel], env={**env, "NQGEN": f"{sys.executable} -m nqgen"})
+            log = Path(f"/var/lib/dkms/nqgen-ftrace/{version}/build/make.log").read_text()
+            if Path(f"/lib/modules/{krel}/kernel").is_dir():
+                assert proc.returncode == 0 and f"nqgen checked {krel} and regenerated nq_ftrace" in log, log[-800:]
+            else:  # headers only: nqgen says what is missing, and nothing is built
+                assert proc.returncode != 0
+                assert f"no nf_conntrack module found under /lib/modules/{krel}/kernel" in log, log[-800:]
+                assert f"nqgen could not generate ftrace for {krel} (exit 3)" in log
     finally:
         _run(["dkms", "remove", name, "--all"], env=env)
         shutil.rmtree(f"/usr/src/{tree.name}", ignore_errors=True)
