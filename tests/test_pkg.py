@@ -495,3 +495,27 @@ def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_on
     assert refused.insmod_rc != 0 and "Loading of unsigned module is rejected" in refused.insmod_output
     assert loaded.insmod_rc == 0, loaded.insmod_output
     assert f"{hm.module}: live" in loaded.status_text and loaded.unload_rc == 0
+
+
+def test_status_warns_about_another_kernel_and_a_foreign_module_file_in_sh_and_python(tmp_path: Path) -> None:
+    """The warning branches the guest cannot reach (its module matches it): a tree laid out like sysfs."""
+    sysfs, share = tmp_path / "sys", tmp_path / "share"
+    for rel, value in {"module/nq_ftrace/initstate": "live", "module/nq_ftrace/srcversion": "AAAA",
+                       "kernel/nq_ftrace/confirm_calls": "7", "module/nq_livepatch/initstate": "live"}.items():
+        (sysfs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sysfs / rel).write_text(value + "\n")  # fmt: skip
+    share.mkdir()
+    (share / "nq_ftrace.env").write_text("STRATEGY='ftrace'\nRELEASE='3.10.0-1160.el7.x86_64'\nFIX_PRESENT='0'\n"
+                                         "SRCVERSION='BBBB'\nNQGEN_VERSION='0.1.0'\nUNLOAD='rmmod'\n")  # fmt: skip
+    (share / "nq_livepatch.env").write_text("STRATEGY='livepatch'\nRELEASE='9.9.9'\nFIX_PRESENT='1'\n"
+                                            "UNLOAD='livepatch'\n")  # fmt: skip
+    env = {**os.environ, "NQGEN_SYSFS": str(sysfs), "NQGEN_SHARE": str(share), "NQGEN_RELEASE": "9.9.9"}
+    sh = _run(["sh", str(ROOT / "generator/nqgen/pkg/nqgen-status.sh")], env=env)
+    py_text, py_rc = status(sysfs, share, running="9.9.9")
+    assert (sh.stdout, sh.returncode) == (py_text, py_rc)
+    assert sh.returncode == 1
+    assert "WARNING: nq_ftrace was generated for 3.10.0-1160.el7.x86_64, the running kernel is 9.9.9" in sh.stdout
+    assert "WARNING: the loaded nq_ftrace (srcversion AAAA) is not the one nqgen installed (BBBB)" in sh.stdout
+    assert "counters: confirm_calls=7" in sh.stdout
+    assert "livepatch: not registered (disabled; the module can be removed)" in sh.stdout
+    assert "WARNING: 9.9.9 already carries the upstream fix" in sh.stdout
