@@ -157,6 +157,13 @@ unsigned int nq_ipv6_confirm(void *priv, struct sk_buff *skb,
 
 	return nq_confirm_body(skb, protoff, ct, ctinfo);
 }
+
+/* The exported nf_confirm() as the bridge's conntrack calls it. */
+unsigned int nq_nf_confirm(struct sk_buff *skb, unsigned int protoff,
+			   struct nf_conn *ct, enum ip_conntrack_info ctinfo)
+{
+	return nq_confirm_body(skb, protoff, ct, ctinfo);
+}
 {%- elif cookiecutter.target.generation == "G3" %}
 
 unsigned int nq_nf_confirm(void *priv, struct sk_buff *skb,
@@ -260,10 +267,12 @@ unsigned int nq_{{ f.function }}(const struct nf_hook_ops *ops, struct sk_buff *
 }
 {%- endfor %}
 {%- endif %}
+{%- set skip_helpers = cookiecutter.target.generation != "G1" or cookiecutter.strategy == "advance-confirm-corrected" %}
 
 bool nq_preconfirm(struct sk_buff *skb, unsigned int hooknum,
 		   const struct net_device *out, unsigned int *verdict)
 {
+{%- if skip_helpers %}
 	enum ip_conntrack_info ctinfo;
 	const struct nf_conn_help *help;
 	struct nf_conn *ct;
@@ -273,11 +282,36 @@ bool nq_preconfirm(struct sk_buff *skb, unsigned int hooknum,
 		return false;
 	if (nq_in_vrf_postrouting(hooknum, out))
 		return false;
+{%- if cookiecutter.target.generation == "G1" %}
+	/*
+	 * Called at NF_IP_PRI_FIRST, before the helper hook (300): the helper
+	 * and the sequence adjustment have not run on this packet yet.
+	 */
+{%- else %}
+	/*
+	 * This kernel's confirm runs the helper and the sequence adjustment
+	 * before the confirm, once: leave those entries to it.
+	 */
+{%- endif %}
 	help = nfct_help(ct);
 	if (help && rcu_access_pointer(help->helper))
 		return false;
 	if (test_bit(IPS_SEQ_ADJUST_BIT, &ct->status))
 		return false;
+{%- else %}
+	enum ip_conntrack_info ctinfo;
+
+	/*
+	 * Generation G1, just before the confirm hook: the helper ran in its
+	 * own hook (NF_IP_PRI_CONNTRACK_HELPER) and the kernel's confirm hook
+	 * applies the sequence adjustment to confirmed entries too, so
+	 * confirming first is the same for every entry.
+	 */
+	if (!nf_ct_get(skb, &ctinfo))
+		return false;
+	if (nq_in_vrf_postrouting(hooknum, out))
+		return false;
+{%- endif %}
 	*verdict = nq_confirm_fixed(skb);
 	return true;
 }

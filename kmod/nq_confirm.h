@@ -37,15 +37,25 @@ unsigned int nq_{{ name }}(const struct nf_hook_ops *ops, struct sk_buff *skb,
 {{ "\t" * ((name | length + 17) // 8) }}{{ " " * ((name | length + 17) % 8) }}int (*okfn)(struct sk_buff *));
 {%- endif %}
 {%- endfor %}
+{%- if cookiecutter.target.generation == "G2" %}
+
+/*
+ * Corrected copy of the exported nf_confirm() (helper, sequence adjustment,
+ * fixed confirm), same prototype: nf_conntrack_bridge calls it directly.
+ */
+unsigned int nq_nf_confirm(struct sk_buff *skb, unsigned int protoff,
+			   struct nf_conn *ct, enum ip_conntrack_info ctinfo);
+{%- endif %}
 
 /*
  * Confirm ahead of the original confirm hook, but only where that changes
- * nothing else: the entry has no helper and no sequence adjustment (those
- * must run before the confirm, and only once), and the packet is not an
- * l3mdev (VRF) pass the original leaves alone. Returns false, doing
- * nothing, for other entries; otherwise stores the corrected confirm's
- * verdict in *verdict and returns true. The original hook then finds the
- * entry confirmed and only delivers events for the entry on the skb.
+ * nothing else: the packet is not an l3mdev (VRF) pass the original leaves
+ * alone{% if cookiecutter.target.generation != "G1" or cookiecutter.strategy == "advance-confirm-corrected" %}, and the entry has no helper and no sequence adjustment
+ * (those must run before the confirm, and only once){% endif %}. Returns
+ * false, doing nothing, for other entries; otherwise stores the corrected
+ * confirm's verdict in *verdict and returns true. The original hook then
+ * finds the entry confirmed and only delivers events for the entry on the
+ * skb.
  */
 bool nq_preconfirm(struct sk_buff *skb, unsigned int hooknum,
 		   const struct net_device *out, unsigned int *verdict);

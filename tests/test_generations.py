@@ -186,11 +186,19 @@ def test_strategy_all_emits_what_works_with_that_generations_api(
         assert re.search(rf"FTRACE_OPS_FL_{want['ftrace_recursion_flag']}\b", text)
         if want["ftrace_set_ip"] != "regs_ip":
             assert f"{want['ftrace_set_ip']}(" in text
+        # sysctl kernel.ftrace_enabled=0 must not turn the redirect off where the kernel can refuse it
+        assert ("FTRACE_OPS_FL_PERMANENT" in text) == want["ftrace_permanent"]
+        # G2: the exported nf_confirm (the bridge's conntrack calls it) is redirected too
+        assert ("(unsigned long)nf_confirm;" in text) == (want["confirm_generation"] == "G2")
     if "livepatch" in emitted:
         text = sources(out / "livepatch")
         assert f'.name = "{case.module}"' in text
         assert f'.old_name = "{case.confirm}"' in text
         assert ("klp_register_patch(" in text) == (want["livepatch_api"] == "register_enable")
+        assert ('.old_name = "nf_confirm"' in text) == (want["confirm_generation"] in ("G2", "G3"))
+    for name in {"ftrace", "livepatch"} & emitted:
+        counters = json.loads((out / name / "nqgen-module.json").read_text())["counters"]
+        assert ("nf_confirm_calls" in counters) == (want["confirm_generation"] == "G2")
 
 
 # --- Debian 6.1 header flavours: generated for the real module, compiled for real -----------------------------

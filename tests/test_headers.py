@@ -74,6 +74,7 @@ DEBIAN_61 = {
     "ftrace_regs_form": "ftrace_regs",
     "ftrace_set_ip": "ftrace_instruction_pointer_set",
     "ftrace_recursion_flag": "RECURSION",
+    "ftrace_permanent": True,
     "livepatch_api": "enable",
     "has_ecache_exist": True,
     "confirm_generation": "G2",
@@ -81,6 +82,7 @@ DEBIAN_61 = {
     "fix_present": True,
     "kallsyms_lookup_name_exported": False,
     "nf_confirm_exported": True,
+    "nat_on_confirmed": "skipped",
 }
 
 
@@ -131,6 +133,7 @@ UPSTREAM_419: dict[str, object] = {
     "ftrace_regs_form": "pt_regs",
     "ftrace_set_ip": "regs_ip",
     "ftrace_recursion_flag": "RECURSION_SAFE",
+    "ftrace_permanent": False,
     "livepatch_api": "register_enable",
     "has_ecache_exist": False,
     "confirm_generation": "G1",
@@ -138,6 +141,7 @@ UPSTREAM_419: dict[str, object] = {
     "fix_present": False,
     "kallsyms_lookup_name_exported": True,
     "nf_confirm_exported": False,
+    "nat_on_confirmed": "skipped",
 }
 RHEL7 = {
     **UPSTREAM_419,
@@ -149,13 +153,14 @@ RHEL7 = {
     "hook_storage": "list",
     "nf_stop_honoured": True,
     "livepatch_api": "enable",
+    "nat_on_confirmed": "rewrites_reply",
 }
 G2 = {"livepatch_api": "enable", "confirm_generation": "G2", "nf_confirm_exported": True}
 FTRACE_REGS = {"ftrace_regs_form": "ftrace_regs", "ftrace_recursion_flag": "RECURSION"}
 FIXED_6X = {"has_ecache_exist": True, "confirm_has_vrf_check": True, "fix_present": True}
 UPSTREAM_515 = {
     **UPSTREAM_419, **G2, **FTRACE_REGS, "ftrace_set_ip": "ftrace_instruction_pointer_set",
-    "kallsyms_lookup_name_exported": False,
+    "kallsyms_lookup_name_exported": False, "ftrace_permanent": True,
 }  # fmt: skip
 G3_6X = {
     **UPSTREAM_515, **FIXED_6X, "confirm_generation": "G3", "ftrace_set_ip": "ftrace_regs_set_instruction_pointer",
@@ -163,10 +168,10 @@ G3_6X = {
 GENERATIONS: dict[str, dict[str, object]] = {
     "rhel7-early": {**RHEL7, "hookfn_form": "okfn", "skb_nfct_accessor": False, "livepatch_api": "none"},
     "rhel7.9": RHEL7,
-    "rhel8.3": {**UPSTREAM_419, "livepatch_api": "enable"},
+    "rhel8.3": {**UPSTREAM_419, "livepatch_api": "enable", "ftrace_permanent": True},
     "4.19": UPSTREAM_419,
     "5.4": {**UPSTREAM_419, **G2},
-    "5.10": {**UPSTREAM_419, **G2, "kallsyms_lookup_name_exported": False},
+    "5.10": {**UPSTREAM_419, **G2, "kallsyms_lookup_name_exported": False, "ftrace_permanent": True},
     "5.15": UPSTREAM_515,
     "6.1-src": {**UPSTREAM_515, **FIXED_6X},
     "6.6": G3_6X,

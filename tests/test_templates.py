@@ -145,6 +145,31 @@ KERNEL_API: dict[str, tuple[frozenset[str], str]] = {
         "upstream 3.14 (rename of skb_get_rxhash); RHEL 7.9 not read (index), assumed backported",
     ),
     "WARN_ON_ONCE": (ALL, _CORE),
+    "mutex_lock": (ALL, _CORE),
+    "mutex_unlock": (ALL, _CORE),
+    "nfct_nat": (
+        ALL,
+        "static inline in include/net/netfilter/nf_nat.h (nf_ct_ext_find, no nf_nat symbol): read in RHEL 7.7 "
+        "dcui/RHEL77, RHEL 8.1 cai-fuqiang/linux-4.18.0-147@17d780554 and Debian 6.1.192",
+    ),
+    "register_module_notifier": (
+        ALL,
+        "kernel/module.c EXPORT_SYMBOL since 2.6, read in RHEL 7.7 dcui/RHEL77 and Debian 6.1.192",
+    ),
+    "unregister_module_notifier": (ALL, "as register_module_notifier"),
+    "IS_ERR_OR_NULL": (ALL, "include/linux/err.h since upstream 2.6.33"),
+    "cmpxchg": (ALL, _CORE),
+    "pr_warn": (ALL, "include/linux/printk.h since upstream 2.6.37 (3.10 has it)"),
+    "pr_warn_ratelimited": (PERNET, "include/linux/printk.h since upstream 3.0"),
+    "msleep": (ALL, _CORE),
+    "nf_hook_entries_get_hook_ops": (
+        PERNET,
+        "include/linux/netfilter.h inline since upstream 4.14 (with nf_hook_entries); RHEL 8.3 "
+        "dongzhiyan-stack/linux-4.18.0-240.el8 include/linux/netfilter.h line 105",
+    ),
+    "register_kretprobe": (PERNET, "kernel/kprobes.c EXPORT_SYMBOL_GPL since upstream 2.6.12"),
+    "unregister_kretprobe": (PERNET, "as register_kretprobe"),
+    "regs_return_value": (PERNET, "arch/x86/include/asm/ptrace.h inline since upstream 2.6.25"),
     "ACCESS_ONCE": (
         RHEL7,
         "the okfn-branch fallback for READ_ONCE/WRITE_ONCE; defined in every 3.10 include/linux/compiler.h "
@@ -262,7 +287,7 @@ def strategies(out: Path) -> list[Path]:
 def linked_sources(strategy_dir: Path) -> str:
     """The C of the objects Kbuild links into the module (the other nq_*.c files are not built)."""
     kbuild = (strategy_dir / "Kbuild").read_text()
-    m = re.search(r"-objs\s*:=\s*(.+)", kbuild)
+    m = re.search(r"-y\s*:=\s*(.+)", kbuild)
     assert m, kbuild
     files = [strategy_dir / o.replace(".o", ".c") for o in m[1].split()]
     files += sorted(strategy_dir.glob("*.h"))

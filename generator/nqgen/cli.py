@@ -173,9 +173,11 @@ def verify(out: Path) -> None:
 def _add_lab() -> None:
     try:
         from .lab.command import lab
+        from .lab.hookswap_command import lab_hookswap
     except ImportError:
         return
     cli.add_command(lab)
+    cli.add_command(lab_hookswap)
 
 
 _add_lab()

@@ -24,9 +24,29 @@ def resolve_method(profile: KernelProfile) -> str:
     return "kallsyms" if profile.features.kallsyms_lookup_name_exported else "anchor"
 
 
+def patch_nf_confirm(profile: KernelProfile) -> bool:
+    """G2: nf_confirm() is exported and not itself the hook, so callers outside the hooks (the bridge's
+    conntrack) reach the unfixed confirm through it; ftrace and livepatch replace it too."""
+    f = profile.features
+    return (
+        f.confirm_generation == "G2"
+        and f.nf_confirm_exported
+        and all(t.function != "nf_confirm" for t in profile.confirm.values())
+    )
+
+
+def optional_target(profile: KernelProfile, module: str, exported: bool, ipv4_module: str) -> bool:
+    """A confirm function outside the module of the IPv4 one (RHEL 7's nf_conntrack_ipv6) is optional: the
+    generated module attaches to it when its module loads (module notifier) instead of refusing to load. Only
+    where it is found by kallsyms_lookup_name: an exported function or an anchor is a symbol reference, which
+    makes its module a load-time dependency."""
+    return module != ipv4_module and not exported and resolve_method(profile) == "kallsyms"
+
+
 def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
     """The ``target`` dict of the cookiecutter context for one kernel profile."""
     f = profile.features
+    ipv4_module = profile.confirm["ipv4"].module if "ipv4" in profile.confirm else profile.module.name
     families: list[dict[str, Any]] = []
     for fam in ("ipv4", "ipv6"):
         t = profile.confirm.get(fam)
@@ -41,6 +61,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
                 "exported": t.exported,
                 "anchor": t.anchor or "",
                 "delta": str(t.delta if t.delta is not None else 0),
+                "optional": optional_target(profile, t.module, t.exported, ipv4_module),
                 "hooks": [
                     {"hooknum": "NF_INET_" + HOOK_NAMES.get(h.hooknum, str(h.hooknum)), "priority": str(h.priority)}
                     for h in t.hooks
@@ -50,6 +71,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         )
     ipv4 = profile.confirm.get("ipv4")
     return {
+        "patch_nf_confirm": patch_nf_confirm(profile),
         "release": profile.release,
         "kdir": kdir,
         "generation": f.confirm_generation,
@@ -64,12 +86,14 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         "ftrace_regs_form": f.ftrace_regs_form,
         "ftrace_set_ip": f.ftrace_set_ip,
         "ftrace_recursion_flag": f.ftrace_recursion_flag,
+        "ftrace_permanent": f.ftrace_permanent,
         "livepatch_api": f.livepatch_api,
         "has_ecache_exist": f.has_ecache_exist,
         "confirm_has_vrf_check": f.confirm_has_vrf_check,
         "fix_present": f.fix_present,
         "kallsyms_lookup_name_exported": f.kallsyms_lookup_name_exported,
         "nf_confirm_exported": f.nf_confirm_exported,
+        "nat_on_confirmed": f.nat_on_confirmed,
         "resolve": resolve_method(profile),
         "confirm_module": ipv4.module if ipv4 else profile.module.name,
         "families": families,

@@ -3,8 +3,10 @@
 Each feature is decided by a precise parse of one declaration (comments stripped, the
 ``__GENKSYMS__`` branches of RHEL 7 resolved to the real one), never from a version number; the
 few things headers cannot show (NF_STOP in ``nf_hook_slow``, the VRF check in ``ipv4_confirm``)
-come from the kernel source when the tree has it, else from the hook storage generation or the
-release, and their evidence line says so.
+come from the conntrack module's code where given (the VRF test, disassembled), else the kernel
+source when the tree has it, else from the hook storage generation or the release, and their
+evidence line says so. The confirm generation from the headers must agree with the module's ops
+array (G1 exactly when it has a helper hook at NF_IP_PRI_CONNTRACK_HELPER), else nqgen refuses.
 
 Debian splits its headers: ``/lib/modules/<rel>/build`` holds ``.config``, ``Module.symvers`` and
 generated files, and its ``Makefile`` includes the common tree that holds ``include/``; both are
@@ -26,6 +28,7 @@ from typing import Any
 from nqgen import errors
 from nqgen.profile import (
     ConfigFlags,
+    ConfirmCodeFacts,
     ConfirmGeneration,
     FtraceRecursion,
     FtraceRegsForm,
@@ -34,10 +37,11 @@ from nqgen.profile import (
     HookStorage,
     KernelFeatures,
     LivepatchApi,
+    NatOnConfirmed,
     Registration,
 )
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 NETFILTER_H = "include/linux/netfilter.h"
 SKBUFF_H = "include/linux/skbuff.h"
@@ -46,11 +50,15 @@ LIVEPATCH_H = "include/linux/livepatch.h"
 CT_CORE_H = "include/net/netfilter/nf_conntrack_core.h"
 CT_H = "include/net/netfilter/nf_conntrack.h"
 CT_ECACHE_H = "include/net/netfilter/nf_conntrack_ecache.h"
+NETNS_NF_H = "include/net/netns/netfilter.h"  # struct netns_nf: hooks_ipv4[] since 4.16
+HOOKS_PER_FAMILY_SINCE = (4, 16, 0)  # before: net->nf.hooks[NFPROTO_NUMPROTO][NF_MAX_HOOKS]
+NETDEVICE_H = "include/linux/netdevice.h"  # IFF_L3MDEV_MASTER, to read the VRF test in the module's code
 NF_CORE_C = "net/netfilter/core.c"  # only in full source trees
 CT_PROTO_C = "net/netfilter/nf_conntrack_proto.c"  # only in full source trees
 CT_L3IPV4_C = "net/ipv4/netfilter/nf_conntrack_l3proto_ipv4.c"  # only in full source trees
 MAKEFILE = "Makefile"
 DOT_CONFIG = ".config"  # the headers tree's own configuration (CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS)
+NF_IP_PRI_CONNTRACK_HELPER = 300  # include/uapi/linux/netfilter_ipv4.h, never changed
 VRF_SINCE = (5, 16, 0)  # 8e0538d8ee06 "netfilter: conntrack: skip confirmation and nat hooks in postrouting for vrf"
 
 # Searched in every root, in this order; the arch header is added per architecture.
@@ -62,6 +70,8 @@ HEADER_FILES = (
     CT_CORE_H,
     CT_H,
     CT_ECACHE_H,
+    NETNS_NF_H,
+    NETDEVICE_H,
     NF_CORE_C,
     CT_PROTO_C,
     CT_L3IPV4_C,
@@ -325,6 +335,7 @@ class HeaderFacts:
     ftrace_func_evidence: str
     set_ip_defs: dict[str, str]  # setter name -> "arch", "generic" or "noop" (where and how it is defined)
     recursion_flag: str | None
+    has_ops_permanent: bool  # enum defines FTRACE_OPS_FL_PERMANENT
     livepatch_header: bool
     has_klp_register: bool
     has_klp_enable: bool
@@ -333,11 +344,14 @@ class HeaderFacts:
     confirm_inline_found: bool
     fix_present: bool
     fix_evidence: str
+    nat_bysource_in_conn: bool  # struct nf_conn has nat_bysource (NAT's by-source node left the extension)
     vrf_in_source: bool | None  # None: confirm source not in the tree
     vrf_source: str
+    l3mdev_bit: int | None  # IFF_L3MDEV_MASTER = 1 << bit in netdevice.h; None: not in the tree
     have_ftrace_with_args: bool | None  # CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS in the tree's .config; None: no .config
     version: tuple[int, int, int] | None  # from the top Makefile
     files: tuple[str, ...]  # relative paths actually read
+    netns_hooks_ipv4: bool | None = None  # struct netns_nf has hooks_ipv4[]; None: header not in the tree
 
 
 def _hookfn(text: str) -> tuple[str, str]:
@@ -345,8 +359,14 @@ def _hookfn(text: str) -> tuple[str, str]:
     if params is None:
         raise errors.InputError(f"no nf_hookfn typedef in {NETFILTER_H}")
     first, last = params[0], params[-1]
-    if "okfn" in last:
+    if "okfn" in last and "nf_hook_ops" in first:
         form = "okfn"
+    elif "okfn" in last:
+        # upstream 3.10-3.12: (unsigned int hooknum, skb, in, out, okfn); nqgen's okfn hooks take the ops
+        raise errors.NotApplicableError(
+            f"{NETFILTER_H}: typedef nf_hookfn({compact(params)}) starts with '{compact([first])}', not "
+            "'const struct nf_hook_ops *ops' (upstream 3.10-3.12 form): nqgen emits no hook of that form"
+        )
     elif "nf_hook_state" in last and first.startswith("void"):
         form = "priv_state"
     elif "nf_hook_state" in last and "nf_hook_ops" in first:
@@ -451,6 +471,14 @@ def _vrf(tree: HeaderTree) -> tuple[bool | None, str]:
     return None, ""
 
 
+_L3MDEV = re.compile(r"\bIFF_L3MDEV_MASTER\s*=\s*(?:1U?L*\s*<<\s*(\d+)|BIT(?:_ULL)?\s*\(\s*(\d+)\s*\))")
+
+
+def _l3mdev_bit(netdevice: str | None) -> int | None:
+    m = _L3MDEV.search(netdevice or "")
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
 def scan(tree: HeaderTree) -> HeaderFacts:
     """Parse every declaration that matters from ``tree``."""
     netfilter = tree.read(NETFILTER_H) or ""
@@ -466,6 +494,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
     arch_ftrace = tree.read(tree.arch_ftrace_h) or ""
     livepatch = tree.read(LIVEPATCH_H)
     nf_core_c = tree.read(NF_CORE_C)
+    netns_nf = tree.read(NETNS_NF_H)
 
     form, hook_ev = _hookfn(netfilter)
     ops_body = find_body(netfilter, r"\bstruct\s+nf_hook_ops")
@@ -515,6 +544,7 @@ def scan(tree: HeaderTree) -> HeaderFacts:
         set_ip_defs=set_ip_defs,
         have_ftrace_with_args=_config_option(tree, "CONFIG_HAVE_DYNAMIC_FTRACE_WITH_ARGS"),
         recursion_flag=recursion,
+        has_ops_permanent=bool(re.search(r"\bFTRACE_OPS_FL_PERMANENT\s*=", ftrace)),
         livepatch_header=livepatch is not None,
         has_klp_register=livepatch is not None and bool(re.search(r"\bklp_register_patch\s*\(", livepatch)),
         has_klp_enable=livepatch is not None and bool(re.search(r"\bklp_enable_patch\s*\(", livepatch)),
@@ -523,10 +553,13 @@ def scan(tree: HeaderTree) -> HeaderFacts:
         confirm_inline_found=inline_found,
         fix_present=fix,
         fix_evidence=fix_ev,
+        nat_bysource_in_conn=bool(re.search(r"\bnat_bysource\s*;", find_body(ct, r"\bstruct\s+nf_conn") or "")),
         vrf_in_source=vrf,
         vrf_source=vrf_src,
+        l3mdev_bit=_l3mdev_bit(tree.read(NETDEVICE_H)),
         version=_tree_version(tree),
         files=files,
+        netns_hooks_ipv4=None if netns_nf is None else bool(re.search(r"\bhooks_ipv4\s*\[", netns_nf)),
     )
 
 
@@ -598,6 +631,7 @@ def _decide_from_headers(
     exports: frozenset[str],
     module_symbols: frozenset[str],
     config: ConfigFlags,
+    code: ConfirmCodeFacts | None = None,
 ) -> KernelFeatures:
     ev = _Evidence()
     nf = tree.relpath(NETFILTER_H)
@@ -652,6 +686,8 @@ def _decide_from_headers(
     else:
         storage = "list"
         why = f"{nf} has no struct nf_hook_entries: hooks are the registered nf_hook_ops on a list"
+    if storage == "entries":
+        storage, why = _hook_heads(tree, facts, why)
     ev.add("hook_storage", storage, why)
 
     if facts.nf_stop_in_hook_slow is not None:
@@ -704,6 +740,13 @@ def _decide_from_headers(
         recursion = "RECURSION" if regs_form == "ftrace_regs" else "RECURSION_SAFE"
         why = f"guessed from ftrace_regs_form={regs_form}: no FTRACE_OPS_FL_RECURSION(_SAFE) in {ft}"
     ev.add("ftrace_recursion_flag", recursion, why)
+    permanent = facts.has_ops_permanent
+    ev.add(
+        "ftrace_permanent",
+        permanent,
+        f"{ft} enum {'defines' if permanent else 'has no'} FTRACE_OPS_FL_PERMANENT"
+        + (" (sysctl kernel.ftrace_enabled=0 is refused while such an ops is registered)" if permanent else ""),
+    )
 
     lp = tree.relpath(LIVEPATCH_H)
     livepatch: LivepatchApi
@@ -741,9 +784,13 @@ def _decide_from_headers(
         why += f"; module {'has' if has_ipv4 else 'has no'} ipv4_confirm"
         if (generation == "G3") == has_ipv4:
             why += " (DISAGREES with the headers: check --kdir matches --module)"
+    why += _helper_check(generation, why, code)
     ev.add("confirm_generation", generation, why)
 
-    if facts.vrf_in_source is not None:
+    vrf_code = _vrf_from_code(code, facts.l3mdev_bit, tree.relpath(NETDEVICE_H))
+    if vrf_code is not None:
+        vrf, why = vrf_code
+    elif facts.vrf_in_source is not None:
         vrf = facts.vrf_in_source
         why = f"{facts.vrf_source} {'tests' if vrf else 'does not test'} netif_is_l3_master (VRF)"
     elif facts.version is not None:
@@ -760,6 +807,16 @@ def _decide_from_headers(
         raise errors.InputError(f"no inline nf_conntrack_confirm() in {core}")
     ev.add("fix_present", facts.fix_present, f"{core} {facts.fix_evidence}")
 
+    nat: NatOnConfirmed = "skipped" if facts.nat_bysource_in_conn else "rewrites_reply"
+    why = (
+        "struct nf_conn has nat_bysource: nf_nat_setup_info() tests nf_ct_is_confirmed()"
+        " (as read in RHEL 8.1 and 6.1 nf_nat_core.c)"
+        if facts.nat_bysource_in_conn
+        else "struct nf_conn has no nat_bysource: the by-source node is in the NAT extension, and"
+        " nf_nat_setup_info() guards confirmed entries only through nf_ct_nat_ext_add()"
+    )
+    ev.add("nat_on_confirmed", nat, f"{tree.relpath(CT_H)} {why}")
+
     kallsyms, nf_confirm_exp = _export_facts(ev, exports)
     return KernelFeatures(
         hookfn_form=hookfn,
@@ -773,6 +830,7 @@ def _decide_from_headers(
         ftrace_regs_form=regs_form,
         ftrace_set_ip=set_ip,
         ftrace_recursion_flag=recursion,
+        ftrace_permanent=permanent,
         livepatch_api=livepatch,
         has_ecache_exist=facts.has_ecache_exist,
         confirm_generation=generation,
@@ -780,8 +838,75 @@ def _decide_from_headers(
         fix_present=facts.fix_present,
         kallsyms_lookup_name_exported=kallsyms,
         nf_confirm_exported=nf_confirm_exp,
+        nat_on_confirmed=nat,
         evidence=tuple(ev.lines),
     )
+
+
+def _hook_heads(tree: HeaderTree, facts: HeaderFacts, why: str) -> tuple[HookStorage, str]:
+    """Per-family heads (net->nf.hooks_ipv4[], 4.16+) or one array per netns (hooks[pf][hooknum], 4.9-4.15)."""
+    netns = tree.relpath(NETNS_NF_H)
+    if facts.netns_hooks_ipv4 is not None:
+        if facts.netns_hooks_ipv4:
+            return "entries", f"{why}; {netns} has hooks_ipv4[]"
+        return "pf_entries", f"{why}; {netns} has no hooks_ipv4[] (hooks[pf][hooknum], before 4.16)"
+    if facts.version is not None:
+        per_family = facts.version >= HOOKS_PER_FAMILY_SINCE
+        v = ".".join(map(str, facts.version))
+        return (
+            "entries" if per_family else "pf_entries",
+            f"{why}; no {NETNS_NF_H} in the tree: heads inferred from Makefile version {v} "
+            f"({'>=' if per_family else '<'} 4.16, where hooks_ipv4[] replaced hooks[pf][hooknum])",
+        )
+    if not facts.has_hook_entries:
+        return "pf_entries", f"{why}; nf_hook_entry lists are 4.9-4.13: hooks[pf][hooknum]"
+    return "entries", f"{why}; guessed hooks_ipv4[] (no {NETNS_NF_H}, no Makefile version)"
+
+
+def _helper_check(generation: ConfirmGeneration, why: str, code: ConfirmCodeFacts | None) -> str:
+    """The ops array must agree with the generation: G1 <=> a helper hook at NF_IP_PRI_CONNTRACK_HELPER.
+
+    G1's corrected confirm leaves helpers to that hook; G2/G3's runs the helper itself. A tree whose
+    declarations say one and whose ops array says the other (a static nf_confirm that runs helpers beside no
+    helper hook, as upstream 5.1-5.2 after 827318feb69c, or a backport) would skip or repeat the helper.
+    """
+    if code is None:
+        return ""
+    if code.helper_hooks is None:
+        return f"; helper hook not checked: no ops array decoded in {code.where}"
+    has_helper = bool(code.helper_hooks)
+    if (generation == "G1") == has_helper:
+        shown = ", ".join(code.helper_hooks) if has_helper else "none"
+        return f"; ops array helper hooks at {NF_IP_PRI_CONNTRACK_HELPER}: {shown} (agrees)"
+    if has_helper:
+        conflict = (
+            f"its ops array still has helper hooks at NF_IP_PRI_CONNTRACK_HELPER ({', '.join(code.helper_hooks)}), "
+            "so a corrected confirm that runs the helper itself would run it twice"
+        )
+    else:
+        conflict = (
+            f"its ops array has no helper hook at NF_IP_PRI_CONNTRACK_HELPER ({NF_IP_PRI_CONNTRACK_HELPER}), "
+            "so the helpers run inside the confirm and a G1 corrected confirm would silently skip them"
+        )
+    raise errors.NotApplicableError(
+        f"confirm generation undecidable: the headers say {generation} ({why}) but {code.where}: {conflict}; refusing"
+    )
+
+
+def _vrf_from_code(code: ConfirmCodeFacts | None, bit: int | None, netdevice: str) -> tuple[bool, str] | None:
+    """The VRF check as the module's code shows it (a backport of 8e0538d8ee06 included); None: no code read."""
+    if code is None:
+        return None
+    if code.vrf_symbol:
+        return True, f"{code.where}: the module defines in_vrf_postrouting()"
+    if bit is not None:
+        vrf = any(bit in bits for bits in code.l3mdev_bits)
+        test = f"a test of IFF_L3MDEV_MASTER (1 << {bit}, {netdevice})"
+    else:
+        vrf = bool(code.l3mdev_bits)
+        test = f"a single-bit device flag test (IFF_L3MDEV_MASTER's bit unknown: no {netdevice})"
+    verb = "has" if vrf else "has no"
+    return vrf, f"{code.where} {verb} {test} after a state->hook == NF_INET_POST_ROUTING compare (disassembled)"
 
 
 def _export_facts(ev: _Evidence, exports: frozenset[str]) -> tuple[bool, bool]:
@@ -793,7 +918,9 @@ def _export_facts(ev: _Evidence, exports: frozenset[str]) -> tuple[bool, bool]:
     return kallsyms, nf_confirm
 
 
-def _decide_guessed(exports: frozenset[str], module_symbols: frozenset[str], config: ConfigFlags) -> KernelFeatures:
+def _decide_guessed(
+    exports: frozenset[str], module_symbols: frozenset[str], config: ConfigFlags, code: ConfirmCodeFacts | None = None
+) -> KernelFeatures:
     """No headers: decide what symbols can tell, and mark every line "guessed"."""
     ev = _Evidence()
     g = "guessed (no headers):"
@@ -819,6 +946,7 @@ def _decide_guessed(exports: frozenset[str], module_symbols: frozenset[str], con
     ev.add("ftrace_regs_form", regs_form, why)
     ev.add("ftrace_set_ip", set_ip, why)
     ev.add("ftrace_recursion_flag", recursion, why)
+    ev.add("ftrace_permanent", False, f"{g} not visible without ftrace.h: the ops is not made permanent")
     livepatch: LivepatchApi
     if config.known and not config.livepatch:
         livepatch = "none"
@@ -836,10 +964,15 @@ def _decide_guessed(exports: frozenset[str], module_symbols: frozenset[str], con
         generation = "G2"
     else:
         generation = "G1"
-    ev.add("confirm_generation", generation, f"{g} from ipv4_confirm/nf_confirm in the module symbols and exports")
+    why = f"{g} from ipv4_confirm/nf_confirm in the module symbols and exports"
+    ev.add("confirm_generation", generation, why + _helper_check(generation, why, code))
     ev.add("has_ecache_exist", generation == "G3", f"{g} true only for G3 (6.2+)")
-    ev.add("confirm_has_vrf_check", generation == "G3", f"{g} true only for G3 (6.2+)")
+    vrf_code = _vrf_from_code(code, None, NETDEVICE_H)
+    vrf, why = vrf_code if vrf_code is not None else (generation == "G3", f"{g} true only for G3 (6.2+)")
+    ev.add("confirm_has_vrf_check", vrf, why)
     ev.add("fix_present", generation == "G3", f"{g} every G3 (6.2+) kernel is fixed; older ones assumed not")
+    nat: NatOnConfirmed = "rewrites_reply" if legacy else "skipped"
+    ev.add("nat_on_confirmed", nat, f"{g} follows registration (3.10 keeps the NAT by-source node in the extension)")
     kallsyms, nf_confirm_exp = _export_facts(ev, exports)
     return KernelFeatures(
         hookfn_form="ops_state" if legacy else "priv_state",
@@ -853,26 +986,34 @@ def _decide_guessed(exports: frozenset[str], module_symbols: frozenset[str], con
         ftrace_regs_form=regs_form,
         ftrace_set_ip=set_ip,
         ftrace_recursion_flag=recursion,
+        ftrace_permanent=False,
         livepatch_api=livepatch,
         has_ecache_exist=generation == "G3",
         confirm_generation=generation,
-        confirm_has_vrf_check=generation == "G3",
+        confirm_has_vrf_check=vrf,
         fix_present=generation == "G3",
         kallsyms_lookup_name_exported=kallsyms,
         nf_confirm_exported=nf_confirm_exp,
+        nat_on_confirmed=nat,
         evidence=tuple(ev.lines),
     )
 
 
 def probe_features(
-    kdir: Path | None, *, exports: frozenset[str], module_symbols: frozenset[str], config: ConfigFlags
+    kdir: Path | None,
+    *,
+    exports: frozenset[str],
+    module_symbols: frozenset[str],
+    config: ConfigFlags,
+    code: ConfirmCodeFacts | None = None,
 ) -> KernelFeatures:
-    """Decide every API generation fact for the target from its headers (``kdir``) and symbols.
+    """Decide every API generation fact for the target from its headers (``kdir``), symbols and, where given,
+    the conntrack module's code (``code``: the ops array's helper hooks and the VRF test in the confirm).
 
     Raises ``errors.InputError`` when ``kdir`` does not exist or holds no usable headers.
     """
     if kdir is None:
-        return _decide_guessed(exports, module_symbols, config)
+        return _decide_guessed(exports, module_symbols, config, code)
     tree = locate(kdir)
     facts = scan_cached(tree)
-    return _decide_from_headers(facts, tree, exports, module_symbols, config)
+    return _decide_from_headers(facts, tree, exports, module_symbols, config, code)

@@ -13,15 +13,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nqgen import elfread, symsources
+from nqgen import disasm, elfread, symsources
 from nqgen.elfread import ElfImage
 from nqgen.errors import ElfFormatError, InputError, NotApplicableError, SymbolError
-from nqgen.profile import ConfirmTarget, HookEntry, KernelProfile, ModuleInfo, Symbol
+from nqgen.profile import ConfirmCodeFacts, ConfirmTarget, HookEntry, KernelProfile, ModuleInfo, Symbol
 
 MODULES_ROOT = Path("/lib/modules")
 BOOT = Path("/boot")
 PROC_KALLSYMS = Path("/proc/kallsyms")
 NF_IP_PRI_CONNTRACK_CONFIRM = 2**31 - 1  # INT_MAX
+NF_IP_PRI_CONNTRACK_HELPER = 300
 NF_INET_POST_ROUTING = 4
 
 # Where conntrack's confirm functions live, relative to /lib/modules/<release>/kernel: 4.19+ has one module,
@@ -159,6 +160,7 @@ class SymbolFacts:
     confirm: dict[str, ConfirmTarget]
     exports: frozenset[str]
     module_symbols: frozenset[str]
+    code: ConfirmCodeFacts
     sources: dict[str, str]
     warnings: tuple[str, ...]
 
@@ -169,7 +171,9 @@ def build_profile(inputs: ProfileInputs) -> KernelProfile:
 
     facts = collect_symbol_facts(inputs)
     config = symsources.config_flags(inputs.config)
-    features = probe_features(inputs.kdir, exports=facts.exports, module_symbols=facts.module_symbols, config=config)
+    features = probe_features(
+        inputs.kdir, exports=facts.exports, module_symbols=facts.module_symbols, config=config, code=facts.code
+    )
     warnings = list(facts.warnings)
     if not config.known:
         warnings.append("no kernel .config given: every config flag is unknown and reported as False")
@@ -216,6 +220,7 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
         warnings.extend(note)
     main = next(i for i in images if i.name == confirm["ipv4"].module)
     sources["module"] = main.path
+    code = confirm_code_facts(main, confirm["ipv4"])
 
     exports: set[str] = set()
     for image in images:
@@ -252,8 +257,26 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
         confirm=confirm,
         exports=frozenset(exports),
         module_symbols=frozenset(s.name for i in images for s in i.symbols if s.section and s.name),
+        code=code,
         sources=sources,
         warnings=tuple(warnings),
+    )
+
+
+def confirm_code_facts(image: ElfImage, target: ConfirmTarget) -> ConfirmCodeFacts:
+    """The IPv4 confirm's ops array helper hooks and the VRF test in its code (see nqgen.disasm)."""
+    where = f"{Path(image.path).name} {target.function}()"
+    helpers = None
+    if target.ops_array is not None:
+        helpers = tuple(
+            f"{h.hook}@{h.hook_name}" for h in target.hooks if h.priority == NF_IP_PRI_CONNTRACK_HELPER
+        )
+    code = image.section_bytes(target.section)[target.offset : target.offset + target.size]
+    return ConfirmCodeFacts(
+        where=where,
+        helper_hooks=helpers,
+        vrf_symbol=any(s.kind == "FUNC" for s in image.find("in_vrf_postrouting")),
+        l3mdev_bits=tuple(t.bit_positions() for t in disasm.l3mdev_tests(code)),
     )
 
 
@@ -436,6 +459,7 @@ __all__ = [
     "build_profile",
     "choose_anchor",
     "collect_symbol_facts",
+    "confirm_code_facts",
     "cross_check",
     "default_inputs",
     "find_conntrack_modules",

@@ -14,12 +14,16 @@ from typing import Any, Literal
 
 HookFnForm = Literal["okfn", "ops_state", "priv_state"]
 Registration = Literal["global", "pernet"]
-HookStorage = Literal["list", "entries"]
+HookStorage = Literal["list", "entries", "pf_entries"]  # pf_entries: net->nf.hooks[pf][hooknum], 4.9-4.15
 FtraceRegsForm = Literal["pt_regs", "ftrace_regs"]
 FtraceSetIp = Literal["regs_ip", "ftrace_instruction_pointer_set", "ftrace_regs_set_instruction_pointer"]
 FtraceRecursion = Literal["RECURSION_SAFE", "RECURSION"]
 LivepatchApi = Literal["register_enable", "enable", "none"]
 ConfirmGeneration = Literal["G1", "G2", "G3"]
+# What nf_nat_setup_info() does to an entry confirmed before the NAT hook saw it: "rewrites_reply" (3.10: no
+# confirmed check, only nf_ct_nat_ext_add(), which returns an existing NAT extension of a confirmed entry, so the
+# reply tuple of a hashed entry is altered) or "skipped" (4.9+: "Can't setup nat info for confirmed ct").
+NatOnConfirmed = Literal["rewrites_reply", "skipped"]
 
 # Netfilter constants that never changed (include/uapi/linux/netfilter.h, netfilter_ipv4.h).
 NFPROTO_NAMES = {2: "ipv4", 10: "ipv6"}
@@ -128,6 +132,7 @@ class KernelFeatures:
     ftrace_regs_form: FtraceRegsForm
     ftrace_set_ip: FtraceSetIp
     ftrace_recursion_flag: FtraceRecursion
+    ftrace_permanent: bool  # FTRACE_OPS_FL_PERMANENT exists: kernel.ftrace_enabled=0 is refused while the ops lives
     livepatch_api: LivepatchApi
     has_ecache_exist: bool  # nf_ct_ecache_exist()
     confirm_generation: ConfirmGeneration
@@ -135,7 +140,18 @@ class KernelFeatures:
     fix_present: bool  # the inline nf_conntrack_confirm re-reads ct after __nf_conntrack_confirm
     kallsyms_lookup_name_exported: bool
     nf_confirm_exported: bool
+    nat_on_confirmed: NatOnConfirmed  # struct nf_conn has nat_bysource (4.9+) or not (3.10)
     evidence: tuple[str, ...] = ()  # one line per decision: where it came from
+
+
+@dataclass(frozen=True)
+class ConfirmCodeFacts:
+    """What the conntrack module's own code shows, for the decisions one header declaration cannot carry."""
+
+    where: str  # "nf_conntrack.ko ipv4_confirm()": the module and function the facts come from
+    helper_hooks: tuple[str, ...] | None  # hooks at NF_IP_PRI_CONNTRACK_HELPER in the ops array; None: no array
+    vrf_symbol: bool  # the module defines in_vrf_postrouting()
+    l3mdev_bits: tuple[frozenset[int], ...]  # per single-bit test after state->hook == POST_ROUTING: its bits
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .context import resolve_method
+from .context import optional_target, patch_nf_confirm, resolve_method
 from .profile import KernelProfile
 
 
@@ -86,6 +86,48 @@ def _where(profile: KernelProfile, families: tuple[str, ...]) -> str:
     return "; ".join(parts)
 
 
+def _optional_notes(profile: KernelProfile, families: tuple[str, ...]) -> tuple[str, ...]:
+    """One note per confirm function the module attaches to only when its module loads (RHEL 7's IPv6)."""
+    ipv4_module = profile.confirm["ipv4"].module
+    notes = []
+    for fam in families:
+        t = profile.confirm[fam]
+        if optional_target(profile, t.module, t.exported, ipv4_module):
+            notes.append(
+                f"{fam}: {t.function} lives in [{t.module}], which need not be loaded: the module loads without it "
+                f"and attaches to it (module notifier) once [{t.module}] has loaded; until then {fam} is not covered"
+            )
+    return tuple(notes)
+
+
+def _nat_note(profile: KernelProfile) -> str:
+    """What confirming a NATed entry early would do on this kernel, decided from its headers."""
+    if profile.features.nat_on_confirmed == "rewrites_reply":
+        return (
+            "this kernel's nf_nat_setup_info() has no confirmed check (struct nf_conn has no nat_bysource): "
+            "an entry confirmed before SNAT/MASQUERADE would get the reply tuple of a hashed entry rewritten "
+            "(replies stop matching, the entry is unlinked from the wrong bucket); hence entries NAT has seen "
+            "are never confirmed early"
+        )
+    return (
+        "this kernel's nf_nat_setup_info() leaves confirmed entries alone: an entry confirmed before "
+        "SNAT/MASQUERADE would silently not be NATed; hence entries NAT has seen are never confirmed early"
+    )
+
+
+def _queue_note(profile: KernelProfile) -> str:
+    """What unloading does to packets held in NFQUEUE, which follows the hook registration."""
+    if profile.features.registration == "pernet":
+        return (
+            "unload: unregistering the hooks makes the kernel drop every packet held in ANY NFQUEUE queue of "
+            "each netns (nf_queue_nf_hook_drop flushes all instances), not only the packets this module queued"
+        )
+    return (
+        "unload: this kernel does not flush the queues on hook removal; each queued packet holds a reference "
+        "on the module (.owner), so rmmod is refused while packets it queued are held"
+    )
+
+
 def _check_advance(profile: KernelProfile) -> Feasibility:
     blocked = _base_check(profile)
     if blocked:
@@ -94,7 +136,13 @@ def _check_advance(profile: KernelProfile) -> Feasibility:
         return Feasibility(
             False, "ipv4 confirm is not exported, has no exported anchor, and kallsyms_lookup_name is unexported"
         )
-    return Feasibility(True, "calls the kernel's own " + _where(profile, ("ipv4",)), covers=())
+    families = _families(profile)
+    return Feasibility(
+        True,
+        "calls the kernel's own " + _where(profile, families),
+        covers=(),
+        notes=(_nat_note(profile), _queue_note(profile), *_optional_notes(profile, families)),
+    )
 
 
 def _check_advance_corrected(profile: KernelProfile) -> Feasibility:
@@ -103,9 +151,13 @@ def _check_advance_corrected(profile: KernelProfile) -> Feasibility:
         return blocked
     return Feasibility(
         True,
-        "uses only exported symbols (__nf_conntrack_confirm, nf_ct_deliver_cached_events)",
-        covers=("ipv4",),
-        notes=("only queued UDP entries without a helper or sequence adjustment take the corrected path",),
+        "uses only exported symbols (" + ", ".join(CORRECTED_EXPORTS) + ")",
+        covers=tuple(f for f in ("ipv4", "ipv6") if f in profile.confirm),
+        notes=(
+            "only queued UDP entries without a helper, sequence adjustment or NAT take the corrected path",
+            _nat_note(profile),
+            _queue_note(profile),
+        ),
     )
 
 
@@ -124,10 +176,40 @@ def _check_ftrace(profile: KernelProfile) -> Feasibility:
     untraceable = [profile.confirm[f].function for f in families if not profile.confirm[f].traceable]
     if untraceable:
         return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
-    return Feasibility(True, "redirects " + _where(profile, families), covers=families)
+    also = " and the exported nf_confirm (the bridge's conntrack calls it)" if patch_nf_confirm(profile) else ""
+    notes = _patched_notes(profile)
+    if profile.features.ftrace_permanent:
+        notes += ("FTRACE_OPS_FL_PERMANENT: sysctl kernel.ftrace_enabled=0 is refused while it is loaded",)
+    else:
+        notes += ("no FTRACE_OPS_FL_PERMANENT in this kernel: sysctl kernel.ftrace_enabled=0 turns it off silently",)
+    notes += _optional_notes(profile, families)
+    return Feasibility(True, "redirects " + _where(profile, families) + also, covers=families, notes=notes)
+
+
+def _patched_notes(profile: KernelProfile) -> tuple[str, ...]:
+    """What ftrace and livepatch leave to the unfixed inline confirm on this kernel, exactly."""
+    if patch_nf_confirm(profile):
+        bridge = (
+            "the bridge's conntrack (nf_conntrack_bridge) is covered where it calls nf_confirm, not on its "
+            "inline fallbacks (no entry or RELATED_REPLY; IPv6 with unwalkable extension headers or a "
+            "non-first fragment)"
+        )
+    else:
+        bridge = "bridge conntrack (nf_conntrack_bridge, 5.3+) runs the inline confirm: not covered"
+    return (
+        "not covered: the inline nf_conntrack_confirm() compiled into openvswitch (ovs_ct_commit), tc act_ct and "
+        "IPVS (ip_vs_confirm_conntrack in ip_vs_nfct.c), read in Debian's 6.1 source",
+        bridge,
+    )
 
 
 def _check_hook_swap(profile: KernelProfile) -> Feasibility:
+    if profile.features.hook_storage == "pf_entries":
+        return Feasibility(
+            False,
+            "hook tables are net->nf.hooks[pf][hooknum] (4.9-4.15): the generated C reads net->nf.hooks_ipv4[] "
+            "(4.16+) and copied nf_hook_entry lists are not handled",
+        )
     extra: tuple[str, ...] = ("nf_hooks",) if profile.features.hook_storage == "list" else ()
     blocked = _base_check(profile, (*CORRECTED_EXPORTS, *extra))
     if blocked:
@@ -137,7 +219,12 @@ def _check_hook_swap(profile: KernelProfile) -> Feasibility:
         return Feasibility(False, "cannot find the address of the ipv4 confirm function to recognise its hook entry")
     if not profile.confirm["ipv4"].hooks:
         return Feasibility(False, "no hook entry registering the ipv4 confirm function was found in the ops array")
-    return Feasibility(True, "swaps the hook entries of " + _where(profile, families), covers=families)
+    return Feasibility(
+        True,
+        "swaps the hook entries of " + _where(profile, families),
+        covers=families,
+        notes=_optional_notes(profile, families),
+    )
 
 
 def _check_stop_hook(profile: KernelProfile) -> Feasibility:
@@ -148,6 +235,12 @@ def _check_stop_hook(profile: KernelProfile) -> Feasibility:
     notes: tuple[str, ...] = ()
     if profile.features.nf_stop_honoured:
         reason = "NF_STOP is honoured: the original confirm never runs"
+    elif profile.features.confirm_generation == "G1":
+        reason = "NF_STOP is not honoured here: pre-confirms every entry and returns NF_ACCEPT"
+        notes = (
+            "helpers run in their own hook (300) before it and the kernel's confirm hook applies the sequence "
+            "adjustment to confirmed entries too, so every entry is pre-confirmed",
+        )
     else:
         reason = "NF_STOP is not honoured here: pre-confirms and returns NF_ACCEPT"
         notes = ("entries with a helper or sequence adjustment are left to the original confirm",)
@@ -172,12 +265,24 @@ def _check_livepatch(profile: KernelProfile) -> Feasibility:
     if untraceable:
         return Feasibility(False, "not traceable (no mcount record): " + ", ".join(untraceable))
     names = ", ".join(profile.confirm[x].function for x in families)
-    return Feasibility(True, f"replaces {names} in object {profile.confirm['ipv4'].module}", covers=families)
+    if patch_nf_confirm(profile):
+        names += ", nf_confirm"
+    notes = (
+        *_patched_notes(profile),
+        "protection starts when the enable transition has finished (transition reads 0), not at insmod",
+        f"hard dependency on {profile.confirm['ipv4'].module} (it calls its exports): the module must be loaded "
+        "first, so the klp object is never deferred to a later load of that module",
+    )
+    return Feasibility(
+        True, f"replaces {names} in object {profile.confirm['ipv4'].module}", covers=families, notes=notes
+    )
 
 
 NAT_RISK = (
-    "confirming at NF_IP_PRI_FIRST precedes SNAT/MASQUERADE (100) and helpers (300): NAT cannot be set up on a "
-    "confirmed entry, so SNAT and helpers break for the queued flows"
+    "confirming at NF_IP_PRI_FIRST precedes SNAT/MASQUERADE (100) and helpers (300): entries the NAT hooks have "
+    "seen (a NAT binding or extension: a nat table or chain is active in the netns) are queued unconfirmed "
+    "instead (counter nat_unconfirmed), so they are not protected; what early confirmation would do to NAT on "
+    "this kernel is stated below"
 )
 IPMODIFY_RISK = (
     "ftrace and livepatch both need exclusive IPMODIFY on the function: they cannot patch it at once "
@@ -187,14 +292,14 @@ IPMODIFY_RISK = (
 STRATEGIES: tuple[Strategy, ...] = (
     Strategy(
         name="advance-confirm",
-        summary="POST_ROUTING hook at NF_IP_PRI_FIRST: for UDP, call the kernel's own ipv4_confirm, then NFQUEUE",
+        summary="POST_ROUTING hook at NF_IP_PRI_FIRST: for UDP, call the kernel's own confirm function, then NFQUEUE",
         touches="adds a netfilter hook in every netns; queues UDP to NFQUEUE",
-        needs="the address of ipv4_confirm (anchor+offset or kallsyms); NFQUEUE",
-        undo="unregisters its hooks (pernet) and waits for packets in flight",
+        needs="the address of ipv4_confirm/ipv6_confirm (anchor+offset or kallsyms); NFQUEUE",
+        undo="unregisters its hooks and waits for packets in flight (packets held in NFQUEUE: see its notes)",
         risks=(
             "still calls the unfixed confirm: racing CPUs still resolve clashes in the buggy inline (measured)",
             NAT_RISK,
-            "does not cover ipv6_confirm, IPVS, openvswitch, act_ct or bridge callers of the inline",
+            "does not narrow anything for IPVS, openvswitch, act_ct or bridge callers of the inline",
         ),
         check=_check_advance,
     ),
@@ -202,8 +307,8 @@ STRATEGIES: tuple[Strategy, ...] = (
         name="advance-confirm-corrected",
         summary="advance-confirm calling nqgen's corrected confirm: no private symbol at all",
         touches="adds a netfilter hook in every netns; queues UDP to NFQUEUE",
-        needs="exported __nf_conntrack_confirm and nf_ct_deliver_cached_events; NFQUEUE",
-        undo="unregisters its hooks (pernet) and waits for packets in flight",
+        needs="exported __nf_conntrack_confirm, nf_ct_deliver_cached_events and nf_ct_seq_adjust; NFQUEUE",
+        undo="unregisters its hooks and waits for packets in flight (packets held in NFQUEUE: see its notes)",
         risks=(
             NAT_RISK,
             "entries with a helper or sequence adjustment are left to the kernel's confirm (still vulnerable)",
@@ -213,7 +318,7 @@ STRATEGIES: tuple[Strategy, ...] = (
     ),
     Strategy(
         name="ftrace",
-        summary="redirect ipv4_confirm/ipv6_confirm to a corrected copy through ftrace",
+        summary="redirect ipv4_confirm/ipv6_confirm (on G2 also nf_confirm) to a corrected copy through ftrace",
         touches="an ftrace_ops with IPMODIFY on the confirm functions",
         needs="CONFIG_DYNAMIC_FTRACE_WITH_REGS; register_ftrace_function, ftrace_set_filter_ip; the addresses",
         undo="unregister_ftrace_function, remove the filters; the original functions run again",
@@ -223,12 +328,27 @@ STRATEGIES: tuple[Strategy, ...] = (
     Strategy(
         name="hook-swap",
         summary="replace the hook function pointer registered for ipv4_confirm/ipv6_confirm, restore it on unload",
-        touches="writes the .hook of conntrack's registered hook entries in every netns",
-        needs="the confirm functions' addresses to recognise the entries",
-        undo="writes the original pointers back, synchronize_net(), re-checks that none of ours remain",
+        touches=(
+            "writes (cmpxchg) the .hook of conntrack's registered hook entries in every netns; 4.16+: a kretprobe "
+            "on nf_hook_entries_grow swaps each new table before it is published"
+        ),
+        needs="the confirm functions' addresses to recognise the entries; CONFIG_KRETPROBES for new registrations",
+        undo=(
+            "stops the kretprobe and rescans, writes the original pointers back, then takes nf_hook_mutex "
+            "(registers and unregisters a no-op hook) so a registration that copied our pointer publishes, and "
+            "repeats until a pass after that barrier finds none; synchronize_net()"
+        ),
         risks=(
-            "conntrack registers its hooks on demand: entries registered later run the original until the rescan",
-            "a registration that copies the entries while we restore could keep our pointer: restore re-checks",
+            "4.16+: a conntrack hook registered while loaded (a new container's first conntrack rule) is swapped "
+            "before publication; measured in the lab (Debian 6.1 under qemu, `nqgen.lab.hookswap` window "
+            "scenario, 8 fresh namespaces): already swapped when nf_ct_netns_get() returned in 8 of 8, where the "
+            "rescan-only module left each new confirm "
+            "slot on the original for 831-1015 ms (mean 911 ms, default interval_ms=1000). Without kretprobes "
+            "(or on a missed one) the rescan still takes up to interval_ms; RHEL 7 (global lists) has no kretprobe "
+            "path: an nf_conntrack_ipv6 loaded later runs the original until the rescan",
+            "the unload barrier flushes the NFQUEUE instances of init_net (any hook unregistration does)",
+            "CFI kernels call through jump-table addresses no slot matches: it then swaps nothing, warns and counts "
+            "`unmatched`",
         ),
         check=_check_hook_swap,
     ),
@@ -240,17 +360,22 @@ STRATEGIES: tuple[Strategy, ...] = (
         undo="unregisters its hooks and waits for packets in flight",
         risks=(
             "where NF_STOP is not honoured the original confirm still runs after ours (on a confirmed entry)",
-            "where NF_STOP is not honoured, entries with helpers or sequence adjustment are left to the original",
+            "where NF_STOP is not honoured and the confirm itself runs helpers (G2, G3), entries with helpers or "
+            "sequence adjustment are left to the original",
         ),
         check=_check_stop_hook,
     ),
     Strategy(
         name="livepatch",
-        summary="replace the confirm functions through the kernel's livepatch API",
+        summary="replace the confirm functions (on G2 also nf_confirm) through the kernel's livepatch API",
         touches="a livepatch on the confirm functions (ftrace IPMODIFY underneath)",
         needs="CONFIG_LIVEPATCH, klp_enable_patch, traceable functions",
         undo="disable through /sys/kernel/livepatch/<module>/enabled, wait for the transition, then rmmod",
-        risks=(IPMODIFY_RISK, "rmmod without disabling first is refused; the patch stays active until disabled"),
+        risks=(
+            IPMODIFY_RISK,
+            "rmmod without disabling first is refused; the patch stays active until disabled",
+            "disabling while the enable transition is still pending reverses it mid-way: wait for transition 0 first",
+        ),
         check=_check_livepatch,
     ),
 )

@@ -5,7 +5,8 @@
  * Enables conntrack in init_net for IPv4 and IPv6 (nf_ct_netns_get(), what a ruleset using
  * conntrack would do), and, when queue >= 0, sends every UDP packet to NFQUEUE number "queue" at
  * POST_ROUTING with the highest priority (before conntrack's confirm), the way a userspace
- * NFQUEUE filter would.
+ * NFQUEUE filter would. With bridge=1 it also enables conntrack for bridged packets
+ * (nf_conntrack_bridge, which calls nf_confirm() directly on 5.3 to 6.1).
  */
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -20,7 +21,12 @@ static int queue = -1;
 module_param(queue, int, 0444);
 MODULE_PARM_DESC(queue, "NFQUEUE number for all UDP at POST_ROUTING (-1: do not queue)");
 
+static bool bridge;
+module_param(bridge, bool, 0444);
+MODULE_PARM_DESC(bridge, "Also enable conntrack for bridged packets (nf_conntrack_bridge)");
+
 static bool nqlab_have_v6;
+static bool nqlab_have_br;
 static bool nqlab_hooks_on;
 
 static unsigned int nqlab_queue_v4(void *priv, struct sk_buff *skb,
@@ -67,6 +73,12 @@ static int __init nqlab_init(void)
 	if (ret)
 		pr_warn("nqlab_ct: nf_ct_netns_get(ipv6) failed: %d\n", ret);
 	nqlab_have_v6 = ret == 0;
+	if (bridge) {
+		ret = nf_ct_netns_get(&init_net, NFPROTO_BRIDGE);
+		if (ret)
+			pr_warn("nqlab_ct: nf_ct_netns_get(bridge) failed: %d\n", ret);
+		nqlab_have_br = ret == 0;
+	}
 
 	if (queue >= 0) {
 		if (queue > 65535) {
@@ -84,6 +96,8 @@ static int __init nqlab_init(void)
 		nqlab_have_v6 ? "ipv6" : "no ipv6", queue);
 	return 0;
 err:
+	if (nqlab_have_br)
+		nf_ct_netns_put(&init_net, NFPROTO_BRIDGE);
 	if (nqlab_have_v6)
 		nf_ct_netns_put(&init_net, NFPROTO_IPV6);
 	nf_ct_netns_put(&init_net, NFPROTO_IPV4);
@@ -94,6 +108,8 @@ static void __exit nqlab_exit(void)
 {
 	if (nqlab_hooks_on)
 		nf_unregister_net_hooks(&init_net, nqlab_ops, ARRAY_SIZE(nqlab_ops));
+	if (nqlab_have_br)
+		nf_ct_netns_put(&init_net, NFPROTO_BRIDGE);
 	if (nqlab_have_v6)
 		nf_ct_netns_put(&init_net, NFPROTO_IPV6);
 	nf_ct_netns_put(&init_net, NFPROTO_IPV4);

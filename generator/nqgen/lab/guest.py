@@ -57,6 +57,9 @@ class GuestPlan:
     counters: tuple[str, ...] = ()
     unload: str = "rmmod"  # "rmmod" or "livepatch"
     livepatch_sysfs: str | None = None
+    ftrace_permanent: bool | None = None  # None: not an ftrace-based module, no sysctl check
+    patched: tuple[str, ...] = ()  # functions the kernel must show as patched while the module is loaded
+    bridge: bool = False  # after the workload, ping out through a bridge (nf_conntrack_bridge calls nf_confirm)
     queue_base: int | None = None  # the NFQUEUE consumer binds queue_base..queue_base+queue_count-1
     queue_count: int = 0
 
@@ -185,12 +188,18 @@ def render_init(plan: GuestPlan) -> str:
         lines.append(f"load mitigation {_q(m.name)} {_q(m.path)} false {params} && MIT=1")
         if plan.unload == "livepatch":
             lines.append(_patched_block(plan))
+        if plan.patched:
+            lines.append(_patched_functions_block(plan))
+        if plan.ftrace_permanent is not None:
+            lines.append(_ftrace_enabled_block(plan))
         lines.append("counters loaded")
         lines.append("taint loaded")
     lines.append(f"traffic workload {w.rounds} {WORKLOAD_DPORT} {SPORT_BASE} $THREADS")
     lines.append("counters workload")
     lines.append("ctstat workload")
     lines.append("taint workload")
+    if plan.mitigation is not None and plan.bridge:
+        lines.append(_bridge_block(plan))
     if plan.mitigation is not None:
         lines.append(_unload_block(plan))
         lines.append("counters unloaded")
@@ -229,13 +238,86 @@ def _patched_block(plan: GuestPlan) -> str:
     )
 
 
+def _patched_functions_block(plan: GuestPlan) -> str:
+    """Whether the kernel itself lists each function as patched: livepatch's sysfs function directories, or
+    ftrace's enabled_functions (tracefs) with an IPMODIFY ("I") record."""
+    assert plan.mitigation is not None
+    names = " ".join(_q(n) for n in plan.patched)
+    if plan.unload == "livepatch":
+        test = '[ -n "$(ls -d "$LP"/*/"$fn",* 2>/dev/null)" ]'
+        how = "livepatch-sysfs"
+        setup = f"\tLP={_livepatch_dir(plan)}\n"
+    else:
+        test = 'grep "^$fn " /sys/kernel/tracing/enabled_functions 2>/dev/null | grep -q " I"'
+        how = "ftrace-enabled_functions"
+        setup = "\tmount -t tracefs nodev /sys/kernel/tracing 2>/dev/null\n"
+    return (
+        'if [ "$MIT" = 1 ]; then\n'
+        f"{setup}"
+        f"\tfor fn in {names}; do\n"
+        f"\t\tP=false\n\t\t{test} && P=true\n"
+        f'\t\temit "{{\\"type\\":\\"patched\\",\\"function\\":\\"$fn\\",\\"present\\":$P,\\"how\\":\\"{how}\\"}}"\n'
+        "\tdone\n"
+        "fi"
+    )
+
+
+def _ftrace_enabled_block(plan: GuestPlan) -> str:
+    """Try ``sysctl kernel.ftrace_enabled=0`` with the module loaded, record whether the kernel refused, and
+    put 1 back: with FTRACE_OPS_FL_PERMANENT the kernel refuses (EBUSY) instead of turning the redirect off."""
+    expect = "true" if plan.ftrace_permanent else "false"
+    return (
+        'if [ "$MIT" = 1 ] && [ -w /proc/sys/kernel/ftrace_enabled ]; then\n'
+        "\techo 0 > /proc/sys/kernel/ftrace_enabled 2>/tmp/fe.err\n"
+        "\tFRC=$?\n"
+        "\tFV=$(cat /proc/sys/kernel/ftrace_enabled)\n"
+        "\techo 1 > /proc/sys/kernel/ftrace_enabled 2>/dev/null\n"
+        f'\temit "{{\\"type\\":\\"ftrace_enabled\\",\\"write_rc\\":$FRC,\\"value_after\\":\\"$FV\\",'
+        f'\\"expect_refused\\":{expect},\\"stderr_b64\\":\\"$(b64 /tmp/fe.err)\\"}}"\n'
+        "fi"
+    )
+
+
+def _bridge_block(plan: GuestPlan) -> str:
+    """Send IPv4 and IPv6 pings out through a bridge (a dummy port), so nf_conntrack_bridge's POST_ROUTING hook
+    calls nf_confirm() on them: the patched nf_confirm must count them in nf_confirm_calls."""
+    return (
+        'if [ "$MIT" = 1 ]; then\n'
+        "\tBR=false\n"
+        "\t: > /tmp/br.err\n"
+        "\tip link add nqd0 type dummy 2>>/tmp/br.err && ip link add nqbr0 type bridge 2>>/tmp/br.err"
+        " && ip link set nqd0 master nqbr0 2>>/tmp/br.err && ip link set nqd0 up 2>>/tmp/br.err"
+        " && BR=true\n"
+        '\tif [ "$BR" = true ]; then\n'
+        "\t\techo 0 > /proc/sys/net/ipv6/conf/nqbr0/accept_dad 2>/dev/null\n"
+        "\t\tip link set nqbr0 up 2>>/tmp/br.err && ip addr add 10.77.0.1/24 dev nqbr0 2>>/tmp/br.err"
+        " && arp -s 10.77.0.2 02:00:00:00:00:02 2>>/tmp/br.err || BR=false\n"
+        "\tfi\n"
+        '\tNB=$(head -n 1 "$SD/nf_confirm_calls" 2>/dev/null | tr -d " \\n")\n'
+        '\tif [ "$BR" = true ]; then\n'
+        "\t\tping -c 3 -W 1 10.77.0.2 > /dev/null 2>&1\n"
+        "\t\tping6 -c 3 -W 1 -I nqbr0 ff02::1 > /dev/null 2>&1\n"
+        "\tfi\n"
+        '\tNA=$(head -n 1 "$SD/nf_confirm_calls" 2>/dev/null | tr -d " \\n")\n'
+        '\temit "{\\"type\\":\\"bridge\\",\\"setup\\":$BR,\\"nf_confirm_before\\":${NB:-null},'
+        '\\"nf_confirm_after\\":${NA:-null},\\"stderr_b64\\":\\"$(b64 /tmp/br.err)\\"}"\n'
+        "\tcounters bridge\n"
+        "fi"
+    )
+
+
 def _unload_block(plan: GuestPlan) -> str:
     assert plan.mitigation is not None
     name = _q(plan.mitigation.name)
     if plan.unload == "livepatch":
         lp = _livepatch_dir(plan)
+        # a disable while the enable transition is pending reverses it mid-way (the soak's lockups): wait first
         disable = (
             f"LP={lp}\n"
+            "\ti=0\n"
+            '\twhile [ -e "$LP/transition" ] && [ "$(cat "$LP/transition" 2>/dev/null)" != 0 ]'
+            " && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done\n"
+            "\tENWAIT=$((i * 100))\n"
             '\techo 0 > "$LP/enabled" 2>/tmp/unload.err\n'
             "\tDRC=$?\n"
             "\ti=0\n"
@@ -247,7 +329,7 @@ def _unload_block(plan: GuestPlan) -> str:
         )
         method = "livepatch"
     else:
-        disable = "DRC=0\n\tTR=none\n\tWAITED=0\n\t: > /tmp/unload.err\n"
+        disable = "DRC=0\n\tTR=none\n\tWAITED=0\n\tENWAIT=0\n\t: > /tmp/unload.err\n"
         method = "rmmod"
     return (
         'if [ "$MIT" = 1 ]; then\n'
@@ -258,7 +340,7 @@ def _unload_block(plan: GuestPlan) -> str:
         "\tLOADED=false\n"
         f"\tgrep -q '^{plan.mitigation.name} ' /proc/modules && LOADED=true\n"
         f'\temit "{{\\"type\\":\\"unload\\",\\"method\\":\\"{method}\\",\\"disable_rc\\":$DRC,'
-        '\\"transition\\":\\"$TR\\",\\"waited_ms\\":$WAITED,\\"rmmod_rc\\":$RRC,\\"still_loaded\\":$LOADED,'
+        '\\"transition\\":\\"$TR\\",\\"enable_wait_ms\\":$ENWAIT,\\"waited_ms\\":$WAITED,\\"rmmod_rc\\":$RRC,\\"still_loaded\\":$LOADED,'
         '\\"stderr_b64\\":\\"$(b64 /tmp/unload.err)\\",\\"dmesg_b64\\":\\"$(b64 /tmp/kmsg)\\"}"\n'
         "fi"
     )

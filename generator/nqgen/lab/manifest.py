@@ -30,6 +30,8 @@ class Manifest:
     queue_count: int
     families: tuple[str, ...]
     notes: str
+    ftrace_permanent: bool | None = None  # ftrace-based module: does it claim FTRACE_OPS_FL_PERMANENT? None: not one
+    patched: tuple[str, ...] = ()  # functions an ftrace/livepatch module redirects (checked in the guest)
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -82,7 +84,21 @@ def load_manifest(path: Path) -> Manifest:
         queue_count=count,
         families=tuple(str(f) for f in data.get("families") or ()),
         notes=str(data.get("notes") or ""),
+        ftrace_permanent=_bool_or_none(data.get("ftrace_permanent")),
+        patched=_names(path, data.get("patched")),
     )
+
+
+def _bool_or_none(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _names(path: Path, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.isidentifier() for v in value):
+        raise InputError(f"{path}: 'patched' must be a list of function names")
+    return tuple(value)
 
 
 def _param(value: Any) -> str:

@@ -121,7 +121,9 @@ def _unload(runs: list[Run]) -> str:
         u = first["unload"]
         if u["method"] == "livepatch":
             waited = max(int(r["unload"]["waited_ms"]) for r in runs)
-            return f"ok (livepatch, {waited} ms)"
+            # protection counts from the end of the enable transition, not from insmod
+            enabling = max(int((r.get("livepatch") or {}).get("waited_ms", 0)) for r in runs)
+            return f"ok (livepatch: protected {enabling} ms after insmod, disabled in {waited} ms)"
         return f"ok ({u['method']})"
     u = bad[0].get("unload")
     what = "not reached" if u is None else f"failed ({u['method']})"

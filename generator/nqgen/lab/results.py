@@ -75,6 +75,7 @@ class Unload:
     still_loaded: bool
     stderr: str
     dmesg: str
+    enable_wait_ms: int = 0  # livepatch: time spent waiting for the enable transition before disabling
 
     @property
     def ok(self) -> bool:
@@ -121,6 +122,9 @@ class RunResult:
     ctevents: dict[str, Any] | None = None
     unload: Unload | None = None
     livepatch: dict[str, Any] | None = None  # state after load: enabled, transition, waited_ms
+    patched: dict[str, bool] = field(default_factory=dict)  # function -> the kernel lists it as patched
+    ftrace_enabled: dict[str, Any] | None = None  # sysctl kernel.ftrace_enabled=0 tried while loaded
+    bridge: dict[str, Any] | None = None  # pings out through a bridge: nf_confirm_calls before and after
     faults: list[Fault] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # lab-side problems (helper not ready, bad lines)
     kernel_log: str = ""
@@ -443,6 +447,7 @@ def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
             disable_rc=_int(rec.get("disable_rc"), -1),
             transition=str(rec.get("transition", "")),
             waited_ms=_int(rec.get("waited_ms")),
+            enable_wait_ms=_int(rec.get("enable_wait_ms")),
             rmmod_rc=_int(rec.get("rmmod_rc"), -1),
             still_loaded=bool(rec.get("still_loaded")),
             stderr=_b64(rec.get("stderr_b64")),
@@ -453,6 +458,23 @@ def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
         if rec.get("enabled") != "1" or rec.get("transition") != "0":
             run.errors.append(f"livepatch not fully applied (enabled {rec.get('enabled')}, "
                               f"transition {rec.get('transition')})")
+    elif kind == "patched":
+        run.patched[str(rec.get("function"))] = bool(rec.get("present"))
+        if not rec.get("present"):
+            run.errors.append(f"{rec.get('function')} is not patched while the module is loaded ({rec.get('how')})")
+    elif kind == "ftrace_enabled":
+        run.ftrace_enabled = {k: v for k, v in rec.items() if k not in ("type", "stderr_b64")}
+        run.ftrace_enabled["refused"] = refused = rec.get("value_after") == "1"
+        if rec.get("expect_refused") and not refused:
+            run.errors.append("sysctl kernel.ftrace_enabled=0 was accepted while the module is loaded: "
+                              "the mitigation was silently off (no FTRACE_OPS_FL_PERMANENT)")
+    elif kind == "bridge":
+        run.bridge = {k: v for k, v in rec.items() if k not in ("type", "stderr_b64")}
+        before, after = rec.get("nf_confirm_before"), rec.get("nf_confirm_after")
+        if not rec.get("setup"):
+            run.errors.append(f"bridge setup failed: {_b64(rec.get('stderr_b64')).strip()[:160]}")
+        elif not (isinstance(before, int) and isinstance(after, int) and after > before):
+            run.errors.append(f"bridged packets did not reach the corrected nf_confirm ({before} -> {after})")
     elif kind == "queue":
         run.queue = {k: v for k, v in rec.items() if k != "type"}
         if _int(rec.get("bind_error")) != 0:

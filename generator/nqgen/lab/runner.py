@@ -130,9 +130,10 @@ class _Guest:
         self.tree = ModuleTree.load(config.modules_dir)
         self._module_bytes: dict[str, bytes] = {}
 
-    def closure(self, extra: list[Path]) -> list[ModuleFile]:
+    def closure(self, extra: list[Path], bridge: bool = False) -> list[ModuleFile]:
         roots = list(LAB_ROOTS) + modinfo_depends(self.helper)
-        softdeps: list[str] = []
+        # optional: a tree without them skips the bridge step (the guest reports setup false)
+        softdeps: list[str] = list(BRIDGE_MODULES) if bridge else []
         for ko in extra:
             roots += modinfo_depends(ko)
             softdeps += modinfo_softdeps(ko)
@@ -143,7 +144,15 @@ class _Guest:
             self._module_bytes[mod.relpath] = read_module(self.config.modules_dir / mod.relpath)
         return self._module_bytes[mod.relpath]
 
-    def initramfs(self, plan: GuestPlan, deps: list[ModuleFile], mitigation: Manifest | None) -> bytes:
+    def initramfs(
+        self,
+        plan: GuestPlan,
+        deps: list[ModuleFile],
+        mitigation: Manifest | None,
+        init: str | None = None,
+        extra: dict[str, Path] | None = None,
+    ) -> bytes:
+        """The boot's initramfs; a scenario passes its own ``init`` script and ``extra`` files (guest path -> file)."""
         c = Cpio()
         for d in ("dev", "proc", "sys", "tmp", "root"):
             c.directory(d)
@@ -166,16 +175,27 @@ class _Guest:
         c.copy(HELPER_GUEST_PATH.lstrip("/"), self.helper)
         if mitigation is not None:
             c.copy(f"nqlab/{mitigation.module}.ko", mitigation.ko)
-        c.file("init", render_init(plan).encode(), 0o755)
+        for dest, src in (extra or {}).items():
+            c.copy(dest.lstrip("/"), src)
+        c.file("init", (render_init(plan) if init is None else init).encode(), 0o755)
         return c.bytes()
+
+
+BRIDGE_MODULES = ("nf_conntrack_bridge", "dummy")
+
+
+def _bridge(m: Manifest) -> bool:
+    """Bridged traffic is sent where the module patches nf_confirm, which only the bridge's conntrack calls."""
+    return "nf_confirm" in m.patched
 
 
 def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workload) -> GuestPlan:
     guest_deps = tuple(
         GuestModule(m.name, f"/lib/modules/{release}/{m.plain_relpath}", "dep", (), m.optional) for m in deps
     )
-    helper = GuestModule("nqlab_ct", HELPER_GUEST_PATH, "helper", (f"queue={0 if spec.nfqueue else -1}",))
     m = spec.manifest
+    helper_params = (f"queue={0 if spec.nfqueue else -1}", *(("bridge=1",) if m is not None and _bridge(m) else ()))
+    helper = GuestModule("nqlab_ct", HELPER_GUEST_PATH, "helper", helper_params)
     queue_base, queue_count = (0, 1) if spec.nfqueue else (None, 0)
     if m is None:
         return GuestPlan(
@@ -199,6 +219,9 @@ def _plan(spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workloa
         counters=m.counters,
         unload=m.unload,
         livepatch_sysfs=m.livepatch_sysfs,
+        ftrace_permanent=m.ftrace_permanent,
+        patched=m.patched,
+        bridge=_bridge(m),
         queue_base=m.queue_base if m.queue_base is not None else queue_base,
         queue_count=m.queue_count if m.queue_base is not None else queue_count,
     )
@@ -208,7 +231,7 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     """Boot once for ``spec`` and return what was measured."""
     cfg = guest.config
     extra = [spec.manifest.ko] if spec.manifest is not None else []
-    deps = guest.closure(extra)
+    deps = guest.closure(extra, bridge=spec.manifest is not None and _bridge(spec.manifest))
     plan = _plan(spec, deps, guest.release, cfg.workload)
     tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
     run_dir = work / tag

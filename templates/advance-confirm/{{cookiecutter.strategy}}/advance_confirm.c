@@ -21,8 +21,19 @@
 {%- endif %}
  *
  * Confirming this early happens before SNAT/MASQUERADE (priority 100) and
- * conntrack helpers: NAT cannot be set up on a confirmed entry, so do not
- * use this on flows that need them.
+ * before conntrack helpers (300). Entries the NAT hooks have seen (a NAT
+ * binding done at PRE_ROUTING/LOCAL_OUT, or a NAT extension) are therefore
+ * not confirmed here: they go to the queue unconfirmed (counted in
+ * nat_unconfirmed) and are not protected.
+{%- if cookiecutter.target.nat_on_confirmed == "rewrites_reply" %}
+ * On this kernel nf_nat_setup_info() has no confirmed check: the NAT
+ * extension added by the nat table at PRE_ROUTING/LOCAL_OUT lets it call
+ * nf_conntrack_alter_reply() on an entry already in the hash table, so
+ * replies stop matching and the entry's bucket no longer matches its tuple.
+{%- else %}
+ * On this kernel nf_nat_setup_info() leaves confirmed entries alone: SNAT
+ * and MASQUERADE would silently not happen for them.
+{%- endif %}
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -34,6 +45,8 @@
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4.h>
 #include <linux/netfilter_ipv6.h>
+#include <net/ipv6.h>
+#include <net/netfilter/nf_nat.h>
 
 #include "nq_compat.h"
 {%- if cookiecutter.strategy == "advance-confirm" %}
@@ -45,7 +58,11 @@
 
 static unsigned int queues = 1;
 module_param(queues, uint, 0444);
-MODULE_PARM_DESC(queues, "number of NFQUEUE queues, flows spread by hash (default 1)");
+{%- if cookiecutter.target.registration == "pernet" %}
+MODULE_PARM_DESC(queues, "number of NFQUEUE queues, flows spread by hash (default 1); unloading drops every packet held in ANY NFQUEUE queue of the netns, not only ours");
+{%- else %}
+MODULE_PARM_DESC(queues, "number of NFQUEUE queues, flows spread by hash (default 1); rmmod is refused while packets queued by this module are held");
+{%- endif %}
 
 static unsigned int queue_base;
 module_param(queue_base, uint, 0444);
@@ -73,6 +90,32 @@ static unsigned int nq_queue_verdict(struct sk_buff *skb)
 	return NF_QUEUE_NR(nr) |
 	       (READ_ONCE(bypass) ? NF_VERDICT_FLAG_QUEUE_BYPASS : 0);
 }
+
+/*
+ * True when the NAT hooks have seen this unconfirmed entry: a nat table or
+ * chain is active in its netns (its PRE_ROUTING/LOCAL_OUT hook did a
+ * binding), or something added a NAT extension. NAT at POST_ROUTING must
+ * then see the entry unconfirmed.
+ */
+static bool nq_nat_pending(const struct nf_conn *ct)
+{
+	return (ct->status & IPS_NAT_DONE_MASK) || nfct_nat(ct);
+}
+{%- if "ipv6" in (cookiecutter.target.families | map(attribute="family") | list) %}
+
+/* UDP behind any IPv6 extension headers, as ipv6_confirm() finds it */
+static bool nq_ipv6_is_udp(const struct sk_buff *skb)
+{
+	u8 nexthdr = ipv6_hdr(skb)->nexthdr;
+	__be16 frag_off;
+	int protoff;
+
+	protoff = ipv6_skip_exthdr(skb, sizeof(struct ipv6hdr), &nexthdr,
+				   &frag_off);
+	return protoff >= 0 && nexthdr == IPPROTO_UDP &&
+	       !(frag_off & htons(~0x7));
+}
+{%- endif %}
 {%- set hooknum = "state->hook" if cookiecutter.target.hookfn_form == "priv_state" else "ops->hooknum" %}
 {%- set outdev = "state->out" if cookiecutter.target.hookfn_form == "priv_state" else "out" %}
 {%- for f in cookiecutter.target.families %}
@@ -100,24 +143,35 @@ static unsigned int nq_advance_{{ f.family }}(const struct nf_hook_ops *ops,
 {%- endif %}
 {
 {%- if cookiecutter.strategy == "advance-confirm" %}
-	nf_hookfn *orig = (nf_hookfn *)nq_targets[{{ loop.index0 }}].addr;
-	struct nf_conn *before;
+	nf_hookfn *orig = (nf_hookfn *)READ_ONCE(nq_targets[{{ loop.index0 }}].addr);
 {%- endif %}
+	struct nf_conn *before;
 	unsigned int verdict;
 
 	if (!READ_ONCE(enable) ||
 {%- if f.family == "ipv4" %}
 	    ip_hdr(skb)->protocol != IPPROTO_UDP)
 {%- else %}
-	    ipv6_hdr(skb)->nexthdr != IPPROTO_UDP)
+	    !nq_ipv6_is_udp(skb))
 {%- endif %}
 		return NF_ACCEPT;
 	if (!READ_ONCE(confirm))
 		return nq_queue_verdict(skb);
+	before = nq_skb_ct(skb);
+	if (before && !nf_ct_is_confirmed(before) && nq_nat_pending(before)) {
+		nq_count(nat_unconfirmed);
+		return nq_queue_verdict(skb);
+	}
 {%- if cookiecutter.strategy == "advance-confirm" %}
+{%- if f.optional %}
+	if (!orig) {
+		/* [{{ f.module }}] is not loaded (yet): nothing to confirm with */
+		nq_count(no_target);
+		return nq_queue_verdict(skb);
+	}
+{%- endif %}
 
 	/* the kernel's own {{ f.function }}(), unfixed on affected kernels */
-	before = nq_skb_ct(skb);
 	verdict = orig({{ args }});
 	nq_count(early_confirms);
 	/* only compares pointers: the old entry may be gone */

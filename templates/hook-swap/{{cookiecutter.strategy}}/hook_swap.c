@@ -7,29 +7,48 @@
  * Netfilter keeps, per network namespace and hook, an nf_hook_entries
  * array of {function, priv} copies. This module finds the slots whose
  * function is the conntrack confirm ({{ cookiecutter.target.families | map(attribute="function") | unique | join(", ") }}) and
- * writes nqgen's corrected copy there (the kernel itself retires a slot the
- * same way, with WRITE_ONCE of the function pointer). Conntrack registers
- * its hooks on demand (a new netns, nf_ct_netns_get() after a put), so the
- * tables are rescanned by a delayed work and when a netns is created.
+ * writes nqgen's corrected copy there with cmpxchg (the kernel itself
+ * retires a slot by writing accept_all into it, possibly at the same time).
+ *
+ * Conntrack registers its hooks on demand (a new netns, nf_ct_netns_get()
+ * after a put). Every registration builds its new table in
+ * nf_hook_entries_grow() under nf_hook_mutex and publishes it afterwards:
+ * a kretprobe on that function swaps the new table before it is published,
+ * so a new registration never runs the original confirm. A delayed work
+ * rescans every table as a fallback (kretprobes missing, or unavailable).
+ *
+ * Unload: stop the kretprobe and the rescans, restore every slot holding
+ * the corrected copy, then take nf_hook_mutex (register and unregister a
+ * no-op hook): a registration that copied one of our slots before the
+ * restore has published its table by then. Repeat until a pass that
+ * followed such a barrier restored nothing, then synchronize_net().
 {%- else %}
  * This kernel keeps its hooks in global lists of the registered
  * nf_hook_ops (nf_hooks[pf][hooknum]), read on every packet. This module
  * switches ops->hook of the conntrack confirm ops ({{ cookiecutter.target.families | map(attribute="function") | unique | join(", ") }}) to
- * nqgen's corrected copy, and rescans the lists from a delayed work.
-{%- endif %}
+ * nqgen's corrected copy with cmpxchg, and rescans the lists from a
+ * delayed work (ops registered later run the original until the rescan).
  *
- * At unload every slot holding the corrected copy gets the original back,
- * then synchronize_net(), and the tables are checked again until none is
+ * Registration links the ops themselves and never copies ->hook, so at
+ * unload every ops holding the corrected copy gets the original back,
+ * then synchronize_net(), and the lists are checked again until none is
  * left.
+{%- endif %}
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/atomic.h>
+#include <linux/kernel.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/netfilter.h>
 #include <linux/rcupdate.h>
 #include <linux/workqueue.h>
 {%- if cookiecutter.target.hook_storage == "entries" %}
+#include <linux/delay.h>
+#include <linux/err.h>
+#include <linux/kprobes.h>
+#include <linux/ptrace.h>
 #include <net/net_namespace.h>
 {%- endif %}
 
@@ -66,7 +85,46 @@ static const struct {
 static struct delayed_work nq_work;
 static bool nq_stopping;
 static bool nq_work_started;
+static bool nq_warned;
 static unsigned int nq_load_swapped;	/* slots swapped during module init */
+
+/*
+ * Replace @from by @to in one hook slot, only if it still holds @from:
+ * never overwrite what the kernel wrote there meanwhile (accept_all).
+ */
+static bool nq_cas(nf_hookfn **slot, nf_hookfn *from, nf_hookfn *to)
+{
+	return READ_ONCE(*slot) == from && cmpxchg(slot, from, to) == from;
+}
+
+/* True for a confirm function this module knows, original or corrected. */
+static bool nq_known(nf_hookfn *fn)
+{
+	unsigned int t;
+
+	for (t = 0; t < NQ_NTARGETS; t++)
+		if (fn == (nf_hookfn *)nq_targets[t].addr || fn == nq_replacements[t])
+			return true;
+	return false;
+}
+
+/*
+ * Conntrack's confirm hooks run at the last priority (INT_MAX). Hooks
+ * there in init_net of which none holds a confirm function this module
+ * knows mean nothing is swapped (a CFI kernel calls through jump-table
+ * addresses, for instance): count it, and say so once.
+ */
+static void nq_report_unmatched(unsigned int last, unsigned int known)
+{
+	if (known || !last)
+		return;
+	nq_count(unmatched);
+	if (!READ_ONCE(nq_warned)) {
+		WRITE_ONCE(nq_warned, true);
+		pr_warn("init_net has %u hook(s) at the confirm priority but none calls a known confirm function: nothing is swapped there\n",
+			last);
+	}
+}
 {%- if cookiecutter.target.hook_storage == "entries" %}
 
 static struct nf_hook_entries __rcu **nq_head(struct net *net, u8 pf,
@@ -84,33 +142,43 @@ static struct nf_hook_entries __rcu **nq_head(struct net *net, u8 pf,
 }
 
 /*
- * In one netns, write the corrected copy into every slot holding the
- * original (@restore false), or the original into every slot holding the
+ * In one table, write the corrected copy into every slot holding an
+ * original (@restore false), or the original into every slot holding a
  * corrected copy (@restore true). Returns the number of slots written.
  */
+static unsigned int nq_swap_table(struct nf_hook_entries *e, bool restore)
+{
+	unsigned int i, t, n = 0;
+
+	for (i = 0; i < e->num_hook_entries; i++) {
+		for (t = 0; t < NQ_NTARGETS; t++) {
+			nf_hookfn *orig = (nf_hookfn *)nq_targets[t].addr;
+			nf_hookfn *ours = nq_replacements[t];
+
+			if (nq_cas(&e->hooks[i].hook, restore ? ours : orig,
+				   restore ? orig : ours)) {
+				n++;
+				break;
+			}
+		}
+	}
+	return n;
+}
+
+/* Swap (or restore) every confirm slot of one netns. */
 static unsigned int nq_swap_net(struct net *net, bool restore)
 {
-	unsigned int s, i, n = 0;
+	unsigned int s, n = 0;
 
 	rcu_read_lock();
 	for (s = 0; s < ARRAY_SIZE(nq_slots); s++) {
-		int t = nq_slots[s].target;
-		nf_hookfn *orig = (nf_hookfn *)nq_targets[t].addr;
-		nf_hookfn *from = restore ? nq_replacements[t] : orig;
-		nf_hookfn *to = restore ? orig : nq_replacements[t];
 		struct nf_hook_entries __rcu **head;
 		struct nf_hook_entries *e;
 
 		head = nq_head(net, nq_slots[s].pf, nq_slots[s].hooknum);
 		e = head ? rcu_dereference(*head) : NULL;
-		if (!e)
-			continue;
-		for (i = 0; i < e->num_hook_entries; i++) {
-			if (READ_ONCE(e->hooks[i].hook) != from)
-				continue;
-			WRITE_ONCE(e->hooks[i].hook, to);
-			n++;
-		}
+		if (e)
+			n += nq_swap_table(e, restore);
 	}
 	rcu_read_unlock();
 	return n;
@@ -127,6 +195,148 @@ static unsigned int nq_swap_all(bool restore)
 		n += nq_swap_net(net, restore);
 	up_read(&net_rwsem);
 	return n;
+}
+
+static void nq_check_init_net(void)
+{
+	unsigned int s, i, last = 0, known = 0;
+
+	rcu_read_lock();
+	for (s = 0; s < ARRAY_SIZE(nq_slots); s++) {
+		struct nf_hook_entries __rcu **head;
+		struct nf_hook_entries *e;
+		struct nf_hook_ops **ops;
+
+		head = nq_head(&init_net, nq_slots[s].pf, nq_slots[s].hooknum);
+		e = head ? rcu_dereference(*head) : NULL;
+		if (!e)
+			continue;
+		ops = nf_hook_entries_get_hook_ops(e);
+		for (i = 0; i < e->num_hook_entries; i++) {
+			if (nq_known(READ_ONCE(e->hooks[i].hook)))
+				known++;
+			else if (READ_ONCE(ops[i])->priority == INT_MAX)
+				last++;
+		}
+	}
+	rcu_read_unlock();
+	nq_report_unmatched(last, known);
+}
+
+#if IS_ENABLED(CONFIG_KRETPROBES)
+/*
+ * nf_hook_entries_grow() returns the table a registration is about to
+ * publish (or an ERR_PTR), built under nf_hook_mutex and seen by no packet
+ * yet: swap the confirm slots it copied from the old table or took from
+ * the new ops.
+ */
+static int nq_grow_ret(struct kretprobe_instance *ri, struct pt_regs *regs)
+{
+	struct nf_hook_entries *e;
+
+	e = (struct nf_hook_entries *)regs_return_value(regs);
+	if (IS_ERR_OR_NULL(e) || READ_ONCE(nq_stopping))
+		return 0;
+	nq_count_add(reg_swapped, nq_swap_table(e, false));
+	return 0;
+}
+
+static struct kretprobe nq_grow_probe = {
+	.kp.symbol_name = "nf_hook_entries_grow",
+	.handler = nq_grow_ret,
+};
+
+static bool nq_probe_on;
+
+static void nq_probe_start(void)
+{
+	int ret = register_kretprobe(&nq_grow_probe);
+
+	nq_probe_on = ret == 0;
+	if (ret)
+		pr_warn("kretprobe on nf_hook_entries_grow: %d; hooks registered from now on run the original until the next rescan\n",
+			ret);
+}
+
+/* No handler runs after this (unregister_kretprobe waits for them). */
+static void nq_probe_stop(void)
+{
+	if (!nq_probe_on)
+		return;
+	unregister_kretprobe(&nq_grow_probe);
+	if (nq_grow_probe.nmissed)
+		pr_info("kretprobe missed %d registration(s) (the rescan took them)\n",
+			nq_grow_probe.nmissed);
+	nq_probe_on = false;
+}
+#else
+static void nq_probe_start(void)
+{
+	pr_warn("no CONFIG_KRETPROBES: hooks registered from now on run the original until the next rescan\n");
+}
+
+static void nq_probe_stop(void)
+{
+}
+#endif
+
+static unsigned int nq_barrier_fn(void *priv, struct sk_buff *skb,
+				  const struct nf_hook_state *state)
+{
+	return NF_ACCEPT;
+}
+
+/* at a hook no confirm slot uses: its tables never hold our copy */
+static const struct nf_hook_ops nq_barrier_ops = {
+	.hook = nq_barrier_fn,
+	.pf = NFPROTO_IPV4,
+	.hooknum = NF_INET_FORWARD,
+	.priority = NF_IP_PRI_FIRST,
+};
+
+/*
+ * Wait for every hook registration or unregistration in flight: each one
+ * copies the old table and publishes the copy under the global
+ * nf_hook_mutex, which registering a hook (anywhere) takes too. The
+ * unregistration flushes the NFQUEUE instances of init_net, as any hook
+ * unregistration in a netns does.
+ */
+static void nq_hook_barrier(void)
+{
+	int ret;
+
+	while ((ret = nf_register_net_hook(&init_net, &nq_barrier_ops))) {
+		pr_warn_ratelimited("barrier hook: %d, retrying\n", ret);
+		msleep(20);
+	}
+	nf_unregister_net_hook(&init_net, &nq_barrier_ops);
+}
+
+/*
+ * Put the original back everywhere. A registration may have copied a slot
+ * still holding our copy into a table it has not published yet: after
+ * each restoring pass, the barrier lets it publish, and the next pass
+ * finds that slot. A pass that follows a barrier and restores nothing
+ * proves no table, published or in flight, holds our copy.
+ */
+static void nq_restore_all(void)
+{
+	unsigned int n, total, passes = 1;
+
+	WRITE_ONCE(nq_stopping, true);
+	nq_probe_stop();
+	cancel_delayed_work_sync(&nq_work);
+	total = nq_swap_all(true);
+	do {
+		nq_hook_barrier();
+		n = nq_swap_all(true);
+		total += n;
+		passes++;
+	} while (n);
+	/* packets already in the corrected copy finish first */
+	synchronize_net();
+	pr_info("original confirm restored in %u slot(s), %u pass(es)\n",
+		total, passes);
 }
 {%- else %}
 
@@ -150,14 +360,54 @@ static unsigned int nq_swap_all(bool restore)
 		list_for_each_entry_rcu(ops,
 					&nf_hooks[nq_slots[s].pf][nq_slots[s].hooknum],
 					list) {
-			if (READ_ONCE(ops->hook) != from)
-				continue;
-			WRITE_ONCE(ops->hook, to);
-			n++;
+			if (nq_cas(&ops->hook, from, to))
+				n++;
 		}
 	}
 	rcu_read_unlock();
 	return n;
+}
+
+static void nq_check_init_net(void)
+{
+	unsigned int s, last = 0, known = 0;
+	struct nf_hook_ops *ops;
+
+	rcu_read_lock();
+	for (s = 0; s < ARRAY_SIZE(nq_slots); s++) {
+		list_for_each_entry_rcu(ops,
+					&nf_hooks[nq_slots[s].pf][nq_slots[s].hooknum],
+					list) {
+			if (nq_known(READ_ONCE(ops->hook)))
+				known++;
+			else if (ops->priority == INT_MAX)
+				last++;
+		}
+	}
+	rcu_read_unlock();
+	nq_report_unmatched(last, known);
+}
+
+/*
+ * Stop rescanning and put the original back in every ops. Registration
+ * links the ops without copying ->hook: a pass that restores nothing
+ * leaves none behind.
+ */
+static void nq_restore_all(void)
+{
+	unsigned int n, total = 0, passes = 0;
+
+	WRITE_ONCE(nq_stopping, true);
+	cancel_delayed_work_sync(&nq_work);
+	do {
+		n = nq_swap_all(true);
+		total += n;
+		passes++;
+		/* packets already in the corrected copy finish first */
+		synchronize_net();
+	} while (n);
+	pr_info("original confirm restored in %u slot(s), %u pass(es)\n",
+		total, passes);
 }
 {%- endif %}
 
@@ -170,6 +420,7 @@ static void nq_rescan(struct work_struct *work)
 {
 	nq_count(rescans);
 	nq_count_add(swapped, nq_swap_all(false));
+	nq_check_init_net();
 	if (!READ_ONCE(nq_stopping))
 		schedule_delayed_work(&nq_work, nq_interval());
 }
@@ -194,28 +445,6 @@ static struct pernet_operations nq_net_ops = {
 };
 {%- endif %}
 
-/*
- * Stop rescanning and put the original back everywhere. A hook
- * (re)registration running concurrently may copy a slot being restored
- * into a new table: check again until none is left.
- */
-static void nq_restore_all(void)
-{
-	unsigned int n, total = 0, passes = 0;
-
-	WRITE_ONCE(nq_stopping, true);
-	cancel_delayed_work_sync(&nq_work);
-	do {
-		n = nq_swap_all(true);
-		total += n;
-		passes++;
-		/* packets already in the corrected copy finish first */
-		synchronize_net();
-	} while (n);
-	pr_info("original confirm restored in %u slot(s), %u pass(es)\n",
-		total, passes);
-}
-
 static int __init nq_init(void)
 {
 	unsigned int n;
@@ -229,6 +458,8 @@ static int __init nq_init(void)
 		goto err_targets;
 	INIT_DELAYED_WORK(&nq_work, nq_rescan);
 {%- if cookiecutter.target.hook_storage == "entries" %}
+	/* tables built from now on are swapped before they are published */
+	nq_probe_start();
 	/* swaps the existing netns (.init), and new ones from now on */
 	ret = register_pernet_subsys(&nq_net_ops);
 	if (ret) {
@@ -241,6 +472,7 @@ static int __init nq_init(void)
 	n = nq_swap_all(false);
 	nq_count_add(swapped, n);
 	n += nq_load_swapped;
+	nq_check_init_net();
 	WRITE_ONCE(nq_work_started, true);
 	schedule_delayed_work(&nq_work, nq_interval());
 	pr_info("%u confirm hook slot(s) now call the corrected copy; rescanning every %u ms\n",

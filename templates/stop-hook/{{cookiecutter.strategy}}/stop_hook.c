@@ -21,12 +21,19 @@
  * This kernel does not honour NF_STOP from a hook: nf_hook_slow() treats
  * any verdict other than ACCEPT, DROP, QUEUE and STOLEN as an error (with a
  * WARN on some versions) and the packet does not continue. So the hook
- * returns NF_ACCEPT after a corrected confirm limited to entries without a
- * helper and without IPS_SEQ_ADJUST (helper and sequence adjustment must
- * run before the confirm, once, in the kernel's hook). The kernel's confirm
- * then finds the entry confirmed and only delivers the cached events of
- * the entry now attached to the skb, which is safe. Other entries are left
- * to the kernel's confirm and counted as skipped.
+ * returns NF_ACCEPT after a corrected confirm (a pre-confirm). The kernel's
+ * confirm then finds the entry confirmed and only delivers the cached
+ * events of the entry now attached to the skb, which is safe.
+{%- if cookiecutter.target.generation == "G1" %}
+ * On this generation the helper runs in its own hook (priority 300, before
+ * this one) and the kernel's confirm hook applies the sequence adjustment
+ * to confirmed entries too, so every entry is pre-confirmed; only VRF
+ * passes and packets without an entry are skipped.
+{%- else %}
+ * On this generation the kernel's confirm runs the helper and the sequence
+ * adjustment before its confirm, once: entries with a helper or
+ * IPS_SEQ_ADJUST are left to it and counted as skipped.
+{%- endif %}
 {%- endif %}
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt

@@ -1,0 +1,116 @@
+"""The ftrace and livepatch strategies in the lab: what the kernel itself says while they are loaded.
+
+- ``sysctl kernel.ftrace_enabled=0`` must be refused while either module is loaded (FTRACE_OPS_FL_PERMANENT;
+  before it, the write silently turned the redirect off);
+- the kernel must list every function the module claims to patch (on Debian 6.1, G2: ipv4_confirm,
+  ipv6_confirm and the exported nf_confirm) as patched: ftrace's enabled_functions with an IPMODIFY record,
+  livepatch's sysfs function directories;
+- bridged packets (pings out through a bridge with a dummy port; nf_conntrack_bridge's POST_ROUTING hook calls
+  nf_confirm() directly) reach the corrected nf_confirm: its counter nf_confirm_calls grows;
+- the livepatch unload waits for the enable transition to finish before it disables (a disable while the
+  enable transition is pending reverses it mid-way; the soak's load/unload loops locked up on it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DebianKernel, run_nqgen
+from nqgen.lab.guest import GuestModule, GuestPlan, Workload, render_init
+
+
+def _plan(unload: str, patched: tuple[str, ...], permanent: bool | None, bridge: bool = False) -> GuestPlan:
+    return GuestPlan(
+        run="t",
+        deps=(GuestModule("nf_conntrack", "/lib/modules/r/nf_conntrack.ko", "dep"),),
+        helper=GuestModule("nqlab_ct", "/nqlab/nqlab_ct.ko", "helper", ("queue=-1",)),
+        mitigation=GuestModule("nq_livepatch", "/nqlab/nq_livepatch.ko", "mitigation"),
+        workload=Workload(rounds=3),
+        unload=unload,
+        livepatch_sysfs="/sys/kernel/livepatch/nq_livepatch" if unload == "livepatch" else None,
+        ftrace_permanent=permanent,
+        patched=patched,
+        bridge=bridge,
+    )
+
+
+def _valid_shell(script: str) -> None:
+    shell = "/bin/busybox" if Path("/bin/busybox").is_file() else "/bin/sh"
+    args = [shell, "sh", "-n"] if shell.endswith("busybox") else [shell, "-n"]
+    proc = subprocess.run([*args, "/dev/stdin"], input=script, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_livepatch_unload_waits_for_the_enable_transition_before_disabling() -> None:
+    script = render_init(_plan("livepatch", ("ipv4_confirm",), True))
+    _valid_shell(script)
+    unload = script[script.index("log before-unload") :]
+    disable = unload.index('echo 0 > "$LP/enabled"')
+    wait = re.search(r'while \[ -e "\$LP/transition" \] && \[ "\$\(cat "\$LP/transition"', unload)
+    assert wait is not None and wait.start() < disable, unload[:600]
+    assert "ENWAIT=" in unload[:disable] and '\\"enable_wait_ms\\":$ENWAIT' in unload
+
+
+def test_guest_checks_the_sysctl_and_the_patched_functions() -> None:
+    script = render_init(_plan("rmmod", ("ipv4_confirm", "nf_confirm"), True))
+    _valid_shell(script)
+    assert "echo 0 > /proc/sys/kernel/ftrace_enabled" in script and "echo 1 > /proc/sys/kernel/ftrace_enabled" in script
+    assert "/sys/kernel/tracing/enabled_functions" in script and "for fn in ipv4_confirm nf_confirm" in script
+    plain = render_init(_plan("rmmod", (), None))  # a hook-based module: neither check
+    assert "ftrace_enabled" not in plain and "enabled_functions" not in plain and "nqbr0" not in plain
+    bridged = render_init(_plan("livepatch", ("nf_confirm",), True, bridge=True))
+    _valid_shell(bridged)
+    assert "ip link add nqbr0 type bridge" in bridged and "ping6 -c 3 -W 1 -I nqbr0 ff02::1" in bridged
+    assert bridged.index("nqbr0 type bridge") < bridged.index("log before-unload")
+
+
+# ---- real boot on the Debian kernel ------------------------------------------------------------------------
+
+
+def _lab_ready() -> bool:
+    return shutil.which("qemu-system-x86_64") is not None and Path("/bin/busybox").is_file()
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(not _lab_ready(), reason="needs qemu-system-x86_64 and busybox-static")
+def test_ftrace_and_livepatch_on_the_debian_kernel(debian: DebianKernel, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = run_nqgen(
+        ["--strategy", "all", "--kdir", str(debian.kdir), "--module", str(debian.nf_conntrack), "--out", str(out)],
+        tmp_path,
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    make = subprocess.run(["make", "-C", str(out), "ftrace", "livepatch"], capture_output=True, text=True, timeout=1200)
+    assert make.returncode == 0, (make.stdout + make.stderr)[-3000:]
+    cmd = [sys.executable, "-m", "nqgen", "lab", "--out", str(out), "--kernel", str(debian.vmlinuz)]
+    cmd += ["--modules-dir", str(debian.modules_dir), "--kdir", str(debian.kdir), "--timeout", "300"]
+    cmd += ["--strategy", "ftrace", "--strategy", "livepatch", "--no-baselines", "--rounds", "60"]
+    lab = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1500)
+    assert lab.returncode == 0, lab.stderr + lab.stdout
+    runs = {r["name"]: r for r in json.loads((out / "lab.json").read_text())["runs"]}
+    assert set(runs) == {"ftrace", "livepatch"}
+    for name, run in runs.items():
+        assert run["errors"] == [], name
+        assert run["derived"]["fault_count"] == 0 and run["derived"]["unloaded"] and run["derived"]["healthy"]
+        # FTRACE_OPS_FL_PERMANENT (ours for ftrace, the kernel's own for livepatch): the sysctl is refused
+        assert run["ftrace_enabled"]["expect_refused"] is True and run["ftrace_enabled"]["refused"] is True, name
+        assert run["ftrace_enabled"]["write_rc"] != 0, name
+        # G2: nf_confirm is patched too, and the corrected copies ran
+        assert run["patched"] == {"ipv4_confirm": True, "ipv6_confirm": True, "nf_confirm": True}, name
+        assert "nf_confirm_calls" in run["counters"]["workload"], name
+        bridge = run["bridge"]
+        assert bridge["setup"] is True and bridge["nf_confirm_after"] > bridge["nf_confirm_before"], (name, bridge)
+        assert run["counters"]["workload"]["confirm_calls"] >= 60 * 2 * 2, name
+    lp = runs["livepatch"]
+    assert lp["livepatch"]["transition"] == "0"
+    assert "enable_wait_ms" in lp["unload"] and lp["unload"]["method"] == "livepatch"
+    assert "livepatch enabling:" in lp["kernel_log"] + json.dumps(lp["loads"])
