@@ -8,7 +8,7 @@ OUT ?= out
 LAB_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel node node-repro clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel node node-repro sig-kernel clean
 
 all: test
 
@@ -76,6 +76,10 @@ node: deps
 
 node-repro: repro-kernel
 	$(PY) -m nqgen.lab.scenarios.node --target repro --out $(OUT)-node-repro
+
+# The reference kernel's variant that enforces module signatures and trusts nqgen's test key (tests/test_pkg.py).
+sig-kernel: deps
+	$(PY) -m nqgen.pkg.sigkernel
 
 clean:
 	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* $(OUT)-bench $(OUT)-node $(OUT)-node-repro .pytest_cache .mypy_cache .ruff_cache

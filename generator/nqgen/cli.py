@@ -65,6 +65,14 @@ def _check_strategy(name: str) -> None:
 @click.option("--kallsyms", type=_PATH, help="A copy of the target's /proc/kallsyms.")
 @click.option("--config", "config", type=_PATH, help="The target's kernel .config.")
 @click.option("--symvers", type=_PATH, help="The target's Module.symvers (default <kdir>/Module.symvers).")
+@click.option(
+    "--from-package",
+    "packages",
+    type=_PATH,
+    multiple=True,
+    help="Read the target from its kernel packages (kernel-devel/kernel[-core,-modules] .rpm, "
+    "linux-headers/-common/linux-kbuild/linux-image .deb); repeatable.",
+)
 @click.option("--out", type=_PATH, default=Path("out"), show_default=True, help="Output directory, replaced whole.")
 @click.option("--profile-only", is_flag=True, help="Print the kernel profile as JSON and write nothing.")
 @click.option("--nat", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
@@ -83,6 +91,7 @@ def cli(
     kallsyms: Path | None,
     config: Path | None,
     symvers: Path | None,
+    packages: tuple[Path, ...],
     out: Path,
     profile_only: bool,
     nat: str,
@@ -107,15 +116,25 @@ def cli(
         ("--config", config),
         ("--symvers", symvers),
         *(("--module", m) for m in modules),
+        *(("--from-package", p) for p in packages),
     ):
         _check_exists(opt, path)
-    try:
-        inputs = default_inputs(kdir=kdir)
-    except InputError:
-        if kdir is not None or not modules:
-            raise
-        # No tree for the running kernel, but the user named the module: profile what was given.
-        inputs = ProfileInputs()
+    if packages:
+        from .pkg.frompkg import from_packages
+
+        target = from_packages(packages)
+        _err(f"nqgen: {len(packages)} package(s) of {target.release} extracted in {target.root}")
+        inputs = target.inputs
+        if kdir is not None:
+            inputs = dataclasses.replace(inputs, kdir=kdir)
+    else:
+        try:
+            inputs = default_inputs(kdir=kdir)
+        except InputError:
+            if kdir is not None or not modules:
+                raise
+            # No tree for the running kernel, but the user named the module: profile what was given.
+            inputs = ProfileInputs()
     overrides: dict[str, Any] = {}
     if modules:
         overrides["modules"] = list(modules)
@@ -185,6 +204,16 @@ def _add_kernel() -> None:
 
 
 _add_kernel()
+
+
+def _add_pkg() -> None:
+    from .pkg.command import pkg, status_cmd
+
+    cli.add_command(pkg)
+    cli.add_command(status_cmd)
+
+
+_add_pkg()
 
 
 def main(argv: list[str] | None = None) -> None:
