@@ -11,19 +11,22 @@ refused unless ``--allow-nat-breakage`` says the user accepts it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .strategies import Feasibility
 
-# strategy -> what it does to translated UDP flows (keep in step with the node scenario's measurements)
-NAT_BREAKING: dict[str, str] = {
-    "advance-confirm": "confirms UDP entries at NF_IP_PRI_FIRST, before SNAT/MASQUERADE: translated flows leave "
-    "untranslated (6.1, RHEL 8) or get the reply tuple of a hashed entry rewritten (RHEL 7)",
-    "advance-confirm-corrected": "confirms UDP entries without helper at NF_IP_PRI_FIRST, before "
-    "SNAT/MASQUERADE: translated flows leave untranslated (6.1, RHEL 8) or get the reply tuple of a hashed "
-    "entry rewritten (RHEL 7)",
-}
+# strategy -> how it breaks translated UDP flows (keep in step with the node scenario's measurements). Empty since
+# advance-confirm stopped confirming early what NAT has seen (issue 8 item 2): on Debian 6.1 the node scenario
+# measured every masqueraded lookup answered with advance-confirm loaded (before that change: none).
+NAT_BREAKING: dict[str, str] = {}
+_UNPROTECTED = (
+    "leaves every entry NAT has seen (a NAT binding or extension) unconfirmed instead of confirming it early, so "
+    "translated flows keep their NAT but get no protection: the kernel's unfixed confirm still runs for them"
+)
+# strategy -> what it does not do for translated flows (they pass, unprotected)
+NAT_UNPROTECTED: dict[str, str] = {"advance-confirm": _UNPROTECTED, "advance-confirm-corrected": _UNPROTECTED}
 NAT_TABLE_MODULES = ("nf_nat", "iptable_nat", "ip6table_nat", "nft_chain_nat", "nf_nat_ipv4", "nf_nat_ipv6")
 NAT_CHOICES = ("auto", "yes", "no")
 
@@ -70,10 +73,24 @@ def decide_nat(choice: str, target_release: str, running_release: str | None = N
     return detect_running(proc)
 
 
-def gate(decisions: dict[str, Feasibility], nat: NatPath, allow: bool) -> dict[str, Feasibility]:
-    """Refuse the NAT-breaking strategies when NAT is in the path, unless allowed; note the risk otherwise."""
+def gate(
+    decisions: dict[str, Feasibility],
+    nat: NatPath,
+    allow: bool,
+    breaking: Mapping[str, str] = NAT_BREAKING,
+    unprotected: Mapping[str, str] = NAT_UNPROTECTED,
+) -> dict[str, Feasibility]:
+    """Refuse the NAT-breaking strategies when NAT is in the path, unless allowed; note the risk otherwise. Note
+    what the strategies that leave translated flows unprotected do not do, where NAT is or may be in the path."""
     out = dict(decisions)
-    for name, why in NAT_BREAKING.items():
+    for name, why in unprotected.items():
+        d = out.get(name)
+        if d is None or not d.feasible or nat.present is False:
+            continue
+        where = "NAT is in the packet path" if nat.present else "NAT in the path unknown"
+        where += f" ({nat.evidence})"
+        out[name] = replace(d, notes=(*d.notes, f"{where}: this strategy {why}"))
+    for name, why in breaking.items():
         d = out.get(name)
         if d is None or not d.feasible:
             continue
