@@ -7,7 +7,7 @@ NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean checkpatch
 
 all: test
 
@@ -41,6 +41,10 @@ unit: deps
 
 test: deps lint
 	$(PY) -m pytest -q -rs tests
+
+# checkpatch.pl --strict (from linux-source-6.1) on a generated tree: make checkpatch OUT=out
+checkpatch: deps
+	$(PY) -m nqgen.kstyle $(OUT)
 
 bench: deps
 	$(PY) -m pytest -q benchmarks --benchmark-only
