@@ -7,7 +7,7 @@ NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean checkpatch
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean checkpatch fuzz
 
 all: test
 
@@ -45,6 +45,11 @@ test: deps lint
 # checkpatch.pl --strict (from linux-source-6.1) on a generated tree: make checkpatch OUT=out
 checkpatch: deps
 	$(PY) -m nqgen.kstyle $(OUT)
+
+# Every input reader under hypothesis: 10 000 cases per reader (make test runs 150 per reader).
+FUZZ_EXAMPLES ?= 10000
+fuzz: deps
+	NQGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 bench: deps
 	$(PY) -m pytest -q benchmarks --benchmark-only

@@ -67,6 +67,7 @@ def _check_strategy(name: str) -> None:
 @click.option("--symvers", type=_PATH, help="The target's Module.symvers (default <kdir>/Module.symvers).")
 @click.option("--out", type=_PATH, default=Path("out"), show_default=True, help="Output directory, replaced whole.")
 @click.option("--profile-only", is_flag=True, help="Print the kernel profile as JSON and write nothing.")
+@click.option("--force", is_flag=True, help="Replace --out even when it is a link, a file or not nqgen's.")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -80,6 +81,7 @@ def cli(
     symvers: Path | None,
     out: Path,
     profile_only: bool,
+    force: bool,
 ) -> None:
     """Generate kernel modules that mitigate the nf_conntrack confirm use-after-free (CVE-2022-49561).
 
@@ -135,7 +137,7 @@ def cli(
         )
     if inputs.kdir is None:
         raise InputError("no kernel headers tree to build against: pass --kdir")
-    result = generate(profile, strategy, out, str(inputs.kdir), argv=sys.argv[1:], say=click.echo)
+    result = generate(profile, strategy, out, str(inputs.kdir), argv=sys.argv[1:], say=click.echo, force=force)
     click.echo(f"wrote {result.out}: build with `make -C {result.out}`, compare in {result.out}/COMPARISON.md")
 
 
