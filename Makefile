@@ -7,7 +7,7 @@ NQGEN := $(VENV)/bin/nqgen
 OUT ?= out
 LAB_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean checkpatch fuzz
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro clean checkpatch fuzz soak
 
 all: test
 
@@ -50,6 +50,14 @@ checkpatch: deps
 FUZZ_EXAMPLES ?= 10000
 fuzz: deps
 	NQGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+
+# Load/unload soak of every strategy under churn on the Debian kernel (issue 12): SOAK_CYCLES per strategy.
+SOAK_CYCLES ?= 200
+soak: deps
+	krel=$$(scripts/debian-kernel) && \
+	$(NQGEN) --strategy all --kdir /lib/modules/$$krel/build --out $(OUT)-soak && \
+	nice -n 10 $(MAKE) -C $(OUT)-soak NQGEN="$(abspath $(NQGEN))" && \
+	nice -n 10 $(PY) -m nqgen.lab.soak --out $(OUT)-soak --cycles $(SOAK_CYCLES)
 
 bench: deps
 	$(PY) -m pytest -q benchmarks --benchmark-only

@@ -6,8 +6,12 @@ anything else fails the render (cookiecutter renders with StrictUndefined).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
+from . import headers
+from .errors import InputError
 from .profile import HOOK_NAMES, KernelProfile
 
 _PF = {"ipv4": "NFPROTO_IPV4", "ipv6": "NFPROTO_IPV6"}
@@ -22,6 +26,22 @@ def resolve_method(profile: KernelProfile) -> str:
     """How a generated module finds a non-exported confirm function: kallsyms_lookup_name where the kernel
     exports it (robust to section layout), else an exported anchor in the same section plus the delta."""
     return "kallsyms" if profile.features.kallsyms_lookup_name_exported else "anchor"
+
+
+def kernel_read_form(profile: KernelProfile, kdir: str) -> str:
+    """``kernel_read()``'s form in the target: "offset" for ``(file, offset, buf, count)`` (until 4.14, RHEL 7),
+    "pos" for ``(file, buf, count, &pos)``. Read from the target's include/linux/fs.h; where the tree has no
+    fs.h (the offline fixture trees), the registration API decides: global hook lists are 3.10 (RHEL 7)."""
+    try:
+        fs_h = headers.locate(Path(kdir)).read("include/linux/fs.h")
+    except InputError:
+        fs_h = None
+    if fs_h:
+        if re.search(r"\bkernel_read\s*\(\s*struct\s+file\s*\*\s*\w*\s*,\s*loff_t\b", fs_h):
+            return "offset"
+        if re.search(r"\bkernel_read\s*\(", fs_h):
+            return "pos"
+    return "offset" if profile.features.registration == "global" else "pos"
 
 
 def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
@@ -49,6 +69,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
             }
         )
     ipv4 = profile.confirm.get("ipv4")
+    mod = profile.module
     return {
         "release": profile.release,
         "kdir": kdir,
@@ -73,6 +94,13 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         "resolve": resolve_method(profile),
         "confirm_module": ipv4.module if ipv4 else profile.module.name,
         "families": families,
+        # the build the module checks at load (kmod/nq_target_id.c): build ID of the module file nqgen read
+        "id_module": mod.name,
+        "id_build_id": mod.build_id or "",
+        "id_kernel_read": kernel_read_form(profile, kdir),
+        "id_notes_path": "/sys/kernel/notes"
+        if mod.name == "vmlinux"
+        else f"/sys/module/{mod.name}/notes/.note.gnu.build-id",
     }
 
 

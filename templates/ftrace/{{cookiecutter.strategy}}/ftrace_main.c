@@ -137,7 +137,10 @@ static int __init nq_init(void)
 	ret = register_ftrace_function(&nq_ftrace_ops);
 	if (ret) {
 		/* -EBUSY: livepatch, kpatch or another IPMODIFY user */
-		pr_err("register_ftrace_function: %d\n", ret);
+		if (ret == -EBUSY)
+			pr_err("refusing to load: the confirm function is already modified by a live patch, kpatch or another ftrace IPMODIFY user: unload it first\n");
+		else
+			pr_err("register_ftrace_function: %d\n", ret);
 		goto err_filters;
 	}
 	for (i = 0; i < NQ_NTARGETS; i++)
