@@ -178,8 +178,9 @@ def steps_init(
 ) -> str:  # fmt: skip
     """The /init of a boot that loads/unloads modules in order and records each result.
 
-    Actions: "load", "unload", and "unload-busy" (unload while racing traffic runs through the queue; the
-    traffic's record is named busy<i>). ``consumer`` = (queue base, count, delay in us) runs an NFQUEUE
+    Actions: "load", "unload", "unload-busy" (unload while racing traffic runs through the queue; the
+    traffic's record is named busy<i>) and "unload-drained" (the same, but first enable=0 and wait until
+    /proc/net/netfilter/nfnetlink_queue holds nothing). ``consumer`` = (queue base, count, delay in us) runs an NFQUEUE
     consumer for the whole boot."""
     lines = [*_prologue("queue=-1", deps, release), "state before"]
     if consumer is not None:
@@ -188,10 +189,18 @@ def steps_init(
                   "wait_file /tmp/q.ready"]  # fmt: skip
     for i, (action, mod) in enumerate(steps):
         cmd = _load_cmd(mod) if action == "load" else _unload_cmd(mod)
-        if action == "unload-busy":
+        if action in ("unload-busy", "unload-drained"):
+            # drained: stop queueing new packets (enable=0), wait until the queues hold nothing, then unload
+            drain = (
+                f"echo 0 > /sys/module/{mod.name}/parameters/enable; j=0; "
+                "while [ \"$(awk '{s += $3} END {print s + 0}' /proc/net/netfilter/nfnetlink_queue)\" != 0 ] "
+                "&& [ $j -lt 200 ]; do usleep 50000; j=$((j + 1)); done; "
+                if action == "unload-drained"
+                else ""
+            )
             cmd = (
                 f"/bin/nq_udprace -r 40 -t 2 -f 46 -p 5000 -s {50000 + i * 40} -w 3000 -n busy{i} > /tmp/busy.json"
-                f" 2>/dev/null & BP=$!; usleep 400000; {cmd}; wait $BP; cat /tmp/busy.json > $R; true"
+                f" 2>/dev/null & BP=$!; usleep 400000; {drain}{cmd}; wait $BP; cat /tmp/busy.json > $R; true"
             )
         lp = f"/sys/kernel/livepatch/{mod.name}"
         wait = f"LPE=$(lp_wait {lp})" if action == "load" and mod.livepatch else "LPE=0"
