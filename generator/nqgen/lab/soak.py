@@ -478,6 +478,8 @@ class SoakResult:
 def make_lab(config: LabConfig, work_dir: Path | None = None) -> tuple[AbuseLab, tempfile.TemporaryDirectory[str]]:
     if not (config.modules_dir / "modules.dep").is_file():
         raise InputError(f"{config.modules_dir}/modules.dep not found")
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="nqgen-abuse-", dir=work_dir)
     return AbuseLab(config, Path(tmp.name)), tmp
 
