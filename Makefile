@@ -8,7 +8,7 @@ OUT ?= out
 LAB_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel node node-repro sig-kernel clean
+.PHONY: all deps venv demo test lint unit bench repro-kernel repro rhel-kernels repro-rhel node node-repro sig-kernel checkpatch fuzz soak clean
 
 all: test
 
@@ -42,6 +42,23 @@ unit: deps
 
 test: deps lint
 	$(PY) -m pytest -q -rs tests
+
+# checkpatch.pl --strict (from linux-source-6.1) on a generated tree: make checkpatch OUT=out
+checkpatch: deps
+	$(PY) -m nqgen.kstyle $(OUT)
+
+# Every input reader under hypothesis: 10 000 cases per reader (make test runs 150 per reader).
+FUZZ_EXAMPLES ?= 10000
+fuzz: deps
+	NQGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+
+# Load/unload soak of every strategy under churn on the Debian kernel (issue 12): SOAK_CYCLES per strategy.
+SOAK_CYCLES ?= 200
+soak: deps
+	krel=$$(scripts/debian-kernel) && \
+	$(NQGEN) --strategy all --kdir /lib/modules/$$krel/build --out $(OUT)-soak && \
+	nice -n 10 $(MAKE) -C $(OUT)-soak NQGEN="$(abspath $(NQGEN))" && \
+	nice -n 10 $(PY) -m nqgen.lab.soak --out $(OUT)-soak --cycles $(SOAK_CYCLES)
 
 # Ratios measured side by side with binutils in one run: tables on stdout, JSON in out-bench/bench.json.
 bench: deps

@@ -11,6 +11,7 @@
 
 #define NQ_STATS_DEFINE_NAMES
 #include "nq_stats.h"
+#include "nq_target_id.h"
 
 DEFINE_PER_CPU(struct nq_stats, nq_stats);
 
@@ -46,6 +47,10 @@ int nq_stats_init(void)
 {
 	int i, ret;
 
+	/* every strategy calls this first, before it changes anything */
+	ret = nq_target_id_check();
+	if (ret)
+		return ret;
 	for (i = 0; i < NQ_CNT_MAX; i++) {
 		struct nq_counter_attr *ca = &nq_counter_attrs[i];
 

@@ -179,6 +179,14 @@ KERNEL_API: dict[str, tuple[frozenset[str], str]] = {
     "register_kretprobe": (PERNET, "kernel/kprobes.c EXPORT_SYMBOL_GPL since upstream 2.6.12"),
     "unregister_kretprobe": (PERNET, "as register_kretprobe"),
     "regs_return_value": (PERNET, "arch/x86/include/asm/ptrace.h inline since upstream 2.6.25"),
+    **{n: (ALL, _CORE) for n in ["ALIGN", "IS_ERR", "PTR_ERR", "kmalloc", "kfree", "memcmp", "memcpy", "min_t"]},
+    "filp_open": (ALL, "include/linux/fs.h, exported since 2.6: RHEL 7 (dcui/RHEL77), RHEL 8.1, Debian 6.1"),
+    "filp_close": (ALL, "as filp_open"),
+    "kernel_read": (
+        ALL,
+        "exported since 2.6; (file, offset, buf, count) in RHEL 7.7 include/linux/fs.h, (file, buf, count, &pos) "
+        "since 4.14 (RHEL 8.1, Debian 6.1): nqgen picks the form from the target's fs.h (context.kernel_read_form)",
+    ),
     "ACCESS_ONCE": (
         RHEL7,
         "the okfn-branch fallback for READ_ONCE/WRITE_ONCE; defined in every 3.10 include/linux/compiler.h "

@@ -80,6 +80,7 @@ def _check_strategy(name: str) -> None:
                    "the target kernel.")
 @click.option("--allow-nat-breakage", is_flag=True,
               help="Generate strategies that break NAT (advance-confirm*) even when NAT is in the path.")
+@click.option("--force", is_flag=True, help="Replace --out even when it is a link, a file or not nqgen's.")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -96,6 +97,7 @@ def cli(
     profile_only: bool,
     nat: str,
     allow_nat_breakage: bool,
+    force: bool,
 ) -> None:
     """Generate kernel modules that mitigate the nf_conntrack confirm use-after-free (CVE-2022-49561).
 
@@ -165,7 +167,7 @@ def cli(
 
     nat_path = decide_nat(nat, profile.release)
     result = generate(profile, strategy, out, str(inputs.kdir), argv=sys.argv[1:], say=click.echo,
-                      adjust=lambda d: gate(d, nat_path, allow_nat_breakage))
+                      adjust=lambda d: gate(d, nat_path, allow_nat_breakage), force=force)
     click.echo(f"wrote {result.out}: build with `make -C {result.out}`, compare in {result.out}/COMPARISON.md")
 
 

@@ -6,8 +6,12 @@ anything else fails the render (cookiecutter renders with StrictUndefined).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
+from . import headers
+from .errors import InputError
 from .profile import HOOK_NAMES, KernelProfile
 
 _PF = {"ipv4": "NFPROTO_IPV4", "ipv6": "NFPROTO_IPV6"}
@@ -43,6 +47,22 @@ def optional_target(profile: KernelProfile, module: str, exported: bool, ipv4_mo
     return module != ipv4_module and not exported and resolve_method(profile) == "kallsyms"
 
 
+def kernel_read_form(profile: KernelProfile, kdir: str) -> str:
+    """``kernel_read()``'s form in the target: "offset" for ``(file, offset, buf, count)`` (until 4.14, RHEL 7),
+    "pos" for ``(file, buf, count, &pos)``. Read from the target's include/linux/fs.h; where the tree has no
+    fs.h (the offline fixture trees), the registration API decides: global hook lists are 3.10 (RHEL 7)."""
+    try:
+        fs_h = headers.locate(Path(kdir)).read("include/linux/fs.h")
+    except InputError:
+        fs_h = None
+    if fs_h:
+        if re.search(r"\bkernel_read\s*\(\s*struct\s+file\s*\*\s*\w*\s*,\s*loff_t\b", fs_h):
+            return "offset"
+        if re.search(r"\bkernel_read\s*\(", fs_h):
+            return "pos"
+    return "offset" if profile.features.registration == "global" else "pos"
+
+
 def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
     """The ``target`` dict of the cookiecutter context for one kernel profile."""
     f = profile.features
@@ -70,6 +90,7 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
             }
         )
     ipv4 = profile.confirm.get("ipv4")
+    mod = profile.module
     return {
         "patch_nf_confirm": patch_nf_confirm(profile),
         "release": profile.release,
@@ -97,6 +118,13 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         "resolve": resolve_method(profile),
         "confirm_module": ipv4.module if ipv4 else profile.module.name,
         "families": families,
+        # the build the module checks at load (kmod/nq_target_id.c): build ID of the module file nqgen read
+        "id_module": mod.name,
+        "id_build_id": mod.build_id or "",
+        "id_kernel_read": kernel_read_form(profile, kdir),
+        "id_notes_path": "/sys/kernel/notes"
+        if mod.name == "vmlinux"
+        else f"/sys/module/{mod.name}/notes/.note.gnu.build-id",
     }
 
 

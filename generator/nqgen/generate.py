@@ -12,10 +12,39 @@ from pathlib import Path
 
 from . import __version__, compare
 from .context import cookiecutter_context, module_name
-from .errors import NotApplicableError
+from .errors import InputError, NotApplicableError
 from .profile import KernelProfile
 from .render import render_out_makefile, render_strategy, staged_output
 from .strategies import STRATEGIES, Feasibility, by_name
+
+# Written into every out/ nqgen creates: only such a directory (or an empty one) is replaced without --force.
+OUT_MARKER = ".nqgen-out"
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to replace what nqgen did not create: a symlink, a file, or a non-empty foreign directory.
+
+    ``out`` is replaced whole on success, so a mistyped ``--out`` (``--out ~``, ``--out /etc``, a link into
+    someone's tree) would otherwise delete it. An out/ of an earlier nqgen (``inputs.json`` naming
+    ``nqgen_version``) counts as nqgen's.
+    """
+    if force:
+        return
+    hint = "; pass --force to replace it"
+    if out.is_symlink():
+        raise InputError(f"output path {out} is a symbolic link{hint}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a directory{hint}")
+    if (out / OUT_MARKER).is_file() or not any(out.iterdir()):
+        return
+    try:
+        if "nqgen_version" in json.loads((out / "inputs.json").read_text()):
+            return
+    except (OSError, ValueError, TypeError):
+        pass
+    raise InputError(f"output directory {out} was not created by nqgen{hint}")
 
 
 @dataclass(frozen=True)
@@ -41,11 +70,13 @@ def generate(
     argv: Sequence[str] = (),
     say: Callable[[str], None] = lambda _msg: None,
     adjust: Callable[[dict[str, Feasibility]], dict[str, Feasibility]] | None = None,
+    force: bool = False,
 ) -> GenerationResult:
     """Render the strategy (or all of them) for the profile into ``out``, replacing it only on success.
 
     ``adjust`` may refuse or annotate strategies for reasons outside the kernel (NAT in the path).
     """
+    check_out(out, force)
     names = expand(strategy)
     decisions = decide(profile, names)
     if adjust is not None:
@@ -58,7 +89,8 @@ def generate(
         say(f"skipping {n}: {reason}")
     if not feasible:
         raise NotApplicableError(f"no strategy can work on {profile.release}")
-    with staged_output(out) as stage:
+    with staged_output(out, replace_any=force) as stage:
+        (stage / OUT_MARKER).write_text("created by nqgen: `nqgen --out` replaces this directory whole\n")
         for n in feasible:
             render_strategy(n, cookiecutter_context(profile, n, kdir), stage)
             say(f"generated {out / n} ({module_name(n)}.ko): {decisions[n].reason}")

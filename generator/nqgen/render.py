@@ -116,13 +116,16 @@ def render_out_makefile(context: dict[str, Any], dest: Path) -> None:
 
 
 @contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """Yield an empty staging directory; on success it replaces ``out`` whole, on failure it is removed."""
+def staged_output(out: Path, replace_any: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory; on success it replaces ``out`` whole, on failure it is removed.
+
+    ``replace_any`` (``--force``) also replaces a file or a symbolic link at ``out`` (the link, not its target).
+    """
     out = out.absolute()
     parent = out.parent
     if not parent.is_dir():
         raise InputError(f"output parent directory {parent} does not exist")
-    if out.exists() and not out.is_dir():
+    if not replace_any and (out.is_symlink() or (out.exists() and not out.is_dir())):
         raise InputError(f"output path {out} exists and is not a directory")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
@@ -131,7 +134,7 @@ def staged_output(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     old: Path | None = None
-    if out.exists():
+    if os.path.lexists(out):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
         os.rename(out, old / "out")
     os.rename(staging, out)

@@ -19,6 +19,9 @@ from nqgen.errors import InputError
 from nqgen.profile import ConfigFlags, Symbol
 
 MAX_DECOMPRESSED = 256 * 1024 * 1024
+# Text inputs (System.map ~6 MiB, kallsyms ~12 MiB, Module.symvers ~2 MiB, .config ~250 KiB on a distribution
+# kernel): a larger one would become millions of Python objects, so it is refused before parsing.
+MAX_TEXT = 64 * 1024 * 1024
 _MAGIC = {b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zst", b"\x1f\x8b": "gz"}
 _SUFFIXES = {".xz": "xz", ".zst": "zst", ".gz": "gz"}
 _CHUNK = 1 << 20
@@ -93,8 +96,8 @@ def _unzstd(path: Path, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_text(path: Path) -> str:
-    data, _ = read_capped(path)
+def read_text(path: Path, cap: int = MAX_TEXT) -> str:
+    data, _ = read_capped(path, cap)
     return data.decode("utf-8", "replace")
 
 
@@ -343,6 +346,7 @@ def release_version(release: str) -> tuple[int, int, int]:
 __all__ = [
     "CONFIG_OPTIONS",
     "MAX_DECOMPRESSED",
+    "MAX_TEXT",
     "SymbolList",
     "SymversEntry",
     "TextSymbol",

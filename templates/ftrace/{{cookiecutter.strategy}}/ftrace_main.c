@@ -213,7 +213,10 @@ static int __init nq_init(void)
 {%- else %}
 		/* -EBUSY: livepatch, kpatch or another IPMODIFY user */
 {%- endif %}
-		pr_err("register_ftrace_function: %d\n", ret);
+		if (ret == -EBUSY)
+			pr_err("refusing to load: the confirm function is already modified by a live patch, kpatch or another ftrace IPMODIFY user{{ " (or kernel.ftrace_enabled is 0)" if cookiecutter.target.ftrace_permanent }}: unload it first\n");
+		else
+			pr_err("register_ftrace_function: %d\n", ret);
 		goto err_filters;
 	}
 	for (i = 0; i < NQ_NSITES; i++)

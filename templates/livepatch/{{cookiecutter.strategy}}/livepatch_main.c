@@ -99,7 +99,10 @@ static int __init nq_init(void)
 	}
 	ret = klp_enable_patch(&nq_patch);
 	if (ret) {
-		pr_err("klp_enable_patch: %d\n", ret);
+		if (ret == -EBUSY)
+			pr_err("refusing to load: {{ cookiecutter.target.families | map(attribute="function") | unique | join("/") }} already modified by another live patch, kpatch or ftrace IPMODIFY user (nq_ftrace?): unload it first\n");
+		else
+			pr_err("klp_enable_patch: %d\n", ret);
 		WARN_ON(klp_unregister_patch(&nq_patch));
 		goto err_stats;
 	}
@@ -107,7 +110,10 @@ static int __init nq_init(void)
 	ret = klp_enable_patch(&nq_patch);
 	if (ret) {
 		/* -EBUSY: ftrace IPMODIFY user or kpatch on the same function */
-		pr_err("klp_enable_patch: %d\n", ret);
+		if (ret == -EBUSY)
+			pr_err("refusing to load: {{ cookiecutter.target.families | map(attribute="function") | unique | join("/") }} already modified by another live patch, kpatch or ftrace IPMODIFY user (nq_ftrace?): unload it first\n");
+		else
+			pr_err("klp_enable_patch: %d\n", ret);
 		goto err_stats;
 	}
 {%- endif %}
