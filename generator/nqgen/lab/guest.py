@@ -277,9 +277,17 @@ def _patched_functions_block(plan: GuestPlan) -> str:
         how = "livepatch-sysfs"
         setup = f"\tLP={_livepatch_dir(plan)}\n"
     else:
-        test = 'grep "^$fn " /sys/kernel/tracing/enabled_functions 2>/dev/null | grep -q " I"'
+        test = 'grep "^$fn " "$EF" 2>/dev/null | grep -q " I"'
         how = "ftrace-enabled_functions"
-        setup = "\tmount -t tracefs nodev /sys/kernel/tracing 2>/dev/null\n"
+        # tracefs came with 4.1; 3.10 (RHEL 7) has the same file under debugfs
+        setup = (
+            "\tmount -t tracefs nodev /sys/kernel/tracing 2>/dev/null\n"
+            "\tEF=/sys/kernel/tracing/enabled_functions\n"
+            '\tif [ ! -r "$EF" ]; then\n'
+            "\t\tmount -t debugfs nodev /sys/kernel/debug 2>/dev/null\n"
+            "\t\tEF=/sys/kernel/debug/tracing/enabled_functions\n"
+            "\tfi\n"
+        )
     return (
         'if [ "$MIT" = 1 ]; then\n'
         f"{setup}"
