@@ -156,6 +156,14 @@ def test_rhel_trees_build_with_w1_without_warnings_in_generated_code(name: str, 
     ours = [
         line
         for line in log.splitlines()
-        if re.search(r"\bwarning\b", line, re.IGNORECASE) and str(out) in line.split(":", 1)[0]
+        if re.search(r"\bwarning\b", line, re.IGNORECASE)
+        and str(out) in line.split(":", 1)[0]
+        and not OLD_OBJTOOL_COLD.search(line)
     ]
     assert not ours, "\n".join(ours)
+
+
+# The kernel's own objtool, not our C: objtool learned gcc 8+'s ".cold" subfunctions only in upstream 4.17
+# (13810435b9a7 "objtool: Support GCC 8's cold subfunctions"); RHEL 7.7's 3.10 objtool, run by Debian 12's gcc 12,
+# reports every .cold part of any function as a frame pointer mismatch. Any other objtool warning still fails.
+OLD_OBJTOOL_COLD = re.compile(r"warning: objtool: \w+\.cold\(\)\+0x0: frame pointer state mismatch$")
