@@ -214,7 +214,9 @@ def test_rhel7_messages_name_each_object_and_the_global_hook_table(tmp_path: Pat
         text = rows[name]["touches"] + " " + rows[name]["undo"]
         assert "in every netns" not in text and "pernet" not in text, name
         assert "global hook table" in rows[name]["touches"], name
-    assert rows["advance-confirm"]["undo"] == "unregisters its hooks (global) and waits for packets in flight"
+    assert rows["advance-confirm"]["undo"] == (
+        "unregisters its hooks (global) and waits for packets in flight (packets held in NFQUEUE: see its notes)"
+    )
 
 
 def test_pernet_kernels_keep_the_per_netns_wording(debian: DebianKernel) -> None:

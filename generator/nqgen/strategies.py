@@ -326,7 +326,7 @@ STRATEGIES: tuple[Strategy, ...] = (
         summary="POST_ROUTING hook at NF_IP_PRI_FIRST: for UDP, call the kernel's own confirm function, then NFQUEUE",
         touches="adds a netfilter hook in every netns; queues UDP to NFQUEUE",
         needs="the address of ipv4_confirm/ipv6_confirm (anchor+offset or kallsyms); NFQUEUE",
-        undo="unregisters its hooks and waits for packets in flight (packets held in NFQUEUE: see its notes)",
+        undo="unregisters its hooks (pernet) and waits for packets in flight (packets held in NFQUEUE: see its notes)",
         risks=(
             "still calls the unfixed confirm: racing CPUs still resolve clashes in the buggy inline (measured)",
             NAT_RISK,
@@ -339,7 +339,7 @@ STRATEGIES: tuple[Strategy, ...] = (
         summary="advance-confirm calling nqgen's corrected confirm: no private symbol at all",
         touches="adds a netfilter hook in every netns; queues UDP to NFQUEUE",
         needs="exported __nf_conntrack_confirm, nf_ct_deliver_cached_events and nf_ct_seq_adjust; NFQUEUE",
-        undo="unregisters its hooks and waits for packets in flight (packets held in NFQUEUE: see its notes)",
+        undo="unregisters its hooks (pernet) and waits for packets in flight (packets held in NFQUEUE: see its notes)",
         risks=(
             NAT_RISK,
             "entries with a helper or sequence adjustment are left to the kernel's confirm (still vulnerable)",
