@@ -56,6 +56,36 @@ def debian() -> DebianKernel:
     return k
 
 
+@dataclass(frozen=True)
+class DebianBuilt:
+    """Every strategy generated for Debian's nf_conntrack.ko and built with ``make -C out`` (which ends with
+    ``nqgen verify``): one build shared by the whole session."""
+
+    out: Path
+    log: str  # make's stdout and stderr
+
+
+def make_jobs() -> list[str]:
+    """``-jN`` for the cores this machine has: the suite runs one test at a time, so a build may use them all."""
+    return [f"-j{os.cpu_count() or 1}"]
+
+
+@pytest.fixture(scope="session")
+def debian_built(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> DebianBuilt:
+    """Read only: tests that write into an out directory (``nqgen lab --out``, ``make sign``) use a copy or
+    a tree of their own. ``make -C out`` in the shared tree itself only adds files (packages/)."""
+    work = tmp_path_factory.mktemp("debian-built")
+    args = ["--strategy", "all", "--kdir", str(debian.kdir), "--module", str(debian.nf_conntrack), "--out", "out"]
+    res = run_nqgen(args, cwd=work)
+    assert res.returncode == 0, res.stderr
+    make = subprocess.run(
+        ["nice", "-n", "10", "make", *make_jobs(), "-C", "out"], cwd=work, capture_output=True, text=True,
+        timeout=1800,
+    )  # fmt: skip
+    assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
+    return DebianBuilt(work / "out", make.stdout + make.stderr)
+
+
 def nqgen_cmd() -> list[str]:
     """The nqgen command as installed next to this interpreter (falls back to python -m nqgen)."""
     exe = Path(sys.executable).with_name("nqgen")

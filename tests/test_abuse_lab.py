@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DebianKernel, run_nqgen
+from conftest import DebianBuilt, DebianKernel, make_jobs, run_nqgen
 from nqgen.errors import InputError
 from nqgen.lab.kernel import default_cache_dir, resolve_image
 from nqgen.lab.manifest import Manifest, discover
@@ -32,19 +32,20 @@ SOAK_CYCLES = int(os.environ.get("NQGEN_SOAK_CYCLES", "10"))
 CT_REL = "kernel/net/netfilter/nf_conntrack.ko"
 
 
-def _generate(kernel: DebianKernel, module: Path, out: Path) -> dict[str, Manifest]:
+def _generate(kernel: DebianKernel, module: Path, out: Path, strategy: str = "all") -> dict[str, Manifest]:
     out.parent.mkdir(parents=True, exist_ok=True)
-    res = run_nqgen(["--strategy", "all", "--kdir", str(kernel.kdir), "--module", str(module), "--out", str(out)],
+    res = run_nqgen(["--strategy", strategy, "--kdir", str(kernel.kdir), "--module", str(module), "--out", str(out)],
                     out.parent)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    make = subprocess.run(["nice", "-n", "10", "make", "-C", str(out)], capture_output=True, text=True, timeout=1800)
+    make = subprocess.run(["nice", "-n", "10", "make", *make_jobs(), "-C", str(out)], capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
     assert make.returncode == 0, (make.stdout + make.stderr)[-3000:]
     return {m.strategy: m for m in discover(out)}
 
 
 @pytest.fixture(scope="module")
-def generated(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Manifest]:
-    return _generate(debian, debian.nf_conntrack, tmp_path_factory.mktemp("gen") / "out")
+def generated(debian_built: DebianBuilt) -> dict[str, Manifest]:
+    return {m.strategy: m for m in discover(debian_built.out)}  # conftest: one build for the session
 
 
 def _lab(debian: DebianKernel, work: Path, modules_dir: Path | None = None) -> AbuseLab:
@@ -88,7 +89,7 @@ def test_module_refuses_another_build_of_nf_conntrack(
         other = other_nf_conntrack(debian.kdir, debian.release)
     except InputError as exc:  # no linux-source-6.1; a failed build is a failure
         pytest.skip(f"cannot rebuild nf_conntrack.ko from linux-source-6.1 for {debian.release}: {exc}")
-    own = _generate(debian, other, tmp_path / "other" / "out")  # generated for the other build: must load
+    own = _generate(debian, other, tmp_path / "other" / "out", "ftrace")  # generated for the other build: loads
     shadow = shadow_modules_dir(debian.modules_dir, {CT_REL: other}, tmp_path / "modules")
     lab = _lab(debian, tmp_path / "work", shadow)
     wrong = [SoakModule.of(generated[s]) for s in ("ftrace", "stop-hook", "livepatch")]

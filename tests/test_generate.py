@@ -9,20 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DebianKernel, run_nqgen
+from conftest import DebianBuilt, DebianKernel, make_jobs, run_nqgen
 from nqgen.strategies import NAMES
 
 
 @pytest.fixture(scope="module")
-def built_out(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    work = tmp_path_factory.mktemp("gen")
-    res = run_nqgen(
-        ["--strategy", "all", "--kdir", str(debian.kdir), "--module", str(debian.nf_conntrack)], cwd=work
-    )
-    assert res.returncode == 0, res.stderr
-    make = subprocess.run(["make", "-C", "out"], cwd=work, capture_output=True, text=True, timeout=900)
-    assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
-    return work / "out", make.stdout + make.stderr
+def built_out(debian_built: DebianBuilt) -> tuple[Path, str]:
+    """`nqgen --strategy all` for the Debian kernel and `make -C out` (conftest: one build for the session)."""
+    return debian_built.out, debian_built.log
 
 
 def test_all_strategies_generated_on_debian(built_out: tuple[Path, str]) -> None:
@@ -89,7 +83,9 @@ def test_design_card_commands(strategy: str, debian: DebianKernel, tmp_path: Pat
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == [strategy]
     assert "already carries the upstream fix" in res.stderr
-    make = subprocess.run(["make", "-C", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    make = subprocess.run(
+        ["make", *make_jobs(), "-C", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert make.returncode == 0, make.stderr[-2000:]
 
 

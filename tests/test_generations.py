@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DebianKernel, run_nqgen
+from conftest import DebianKernel, make_jobs, run_nqgen
 from elffixtures import FIXTURES as ELF_FIXTURES
 from elffixtures import build_module
 from nqgen.headers import clean_source, split_params
@@ -225,7 +225,9 @@ def test_debian_flavour_builds_every_strategy(debian: DebianKernel, flavour: str
     assert emitted, stdout + stderr
     # build only: `make` would also run `nqgen verify`, whose vermagic check needs the flavour's own module
     # W=1 (issue 12): -Wextra, -Wmissing-prototypes, ... must stay silent too (amd64: tests/test_kstyle.py)
-    make = subprocess.run(["make", "-C", str(out), "W=1", *emitted], capture_output=True, text=True, timeout=1200)
+    make = subprocess.run(
+        ["make", *make_jobs(), "-C", str(out), "W=1", *emitted], capture_output=True, text=True, timeout=1200
+    )
     log = make.stdout + make.stderr
     assert make.returncode == 0, log[-3000:]
     assert not re.search(r"\bwarning:", log, re.IGNORECASE), log[-3000:]

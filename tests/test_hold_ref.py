@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DebianKernel, run_nqgen
+from conftest import DebianKernel, make_jobs, run_nqgen
 from nqgen.lab.guest import GuestModule, GuestPlan, Workload, render_init
 from nqgen.lab.manifest import Manifest
 from nqgen.lab.runner import plan_runs
@@ -74,7 +74,7 @@ def hold_ref_out(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory)
     shutil.move(work / "out-hold-ref", out)
     shutil.move(work / "out-livepatch" / "livepatch", out / "livepatch")
     for strategy in ("hold-ref", "livepatch"):
-        make = subprocess.run(["make", "-C", str(out / strategy), "W=1"], capture_output=True, text=True,
+        make = subprocess.run(["make", *make_jobs(), "-C", str(out / strategy), "W=1"], capture_output=True, text=True,
                               timeout=600)
         assert make.returncode == 0, make.stdout[-2000:] + make.stderr[-2000:]
         assert "warning:" not in make.stdout + make.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DebianKernel, run_nqgen
+from conftest import DebianBuilt, DebianKernel, run_nqgen
 from elffixtures import build_module
 from nqgen.lab.guest import GuestModule
 from nqgen.lab.hookswap import Kind, Scenario, render_init, run_scenario
@@ -99,16 +99,10 @@ def test_scenario_init_scripts_are_valid_shell() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LabConfig]:
+def built(debian: DebianKernel, debian_built: DebianBuilt) -> tuple[Path, LabConfig]:
     if shutil.which("qemu-system-x86_64") is None or not Path("/bin/busybox").is_file():
         pytest.skip("needs qemu-system-x86_64 and busybox-static")
-    tmp = tmp_path_factory.mktemp("hookswap")
-    out = tmp / "out"
-    args = ["--strategy", "hook-swap", "--kdir", str(debian.kdir), "--module", str(debian.nf_conntrack)]
-    proc = run_nqgen([*args, "--out", str(out)], tmp)
-    assert proc.returncode == 0, proc.stderr
-    make = subprocess.run(["make", "-C", str(out / "hook-swap")], capture_output=True, text=True, check=False)
-    assert make.returncode == 0, make.stdout + make.stderr
+    out = debian_built.out  # conftest: every strategy generated and built once for the session (read only here)
     image = resolve_image(debian.vmlinuz, default_cache_dir())
     cfg = LabConfig(kernel=image, modules_dir=debian.modules_dir, kdir=debian.kdir, memory="512M", timeout=400)
     return out, cfg

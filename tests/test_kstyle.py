@@ -18,11 +18,12 @@ import json
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import DebianKernel, run_nqgen
+from conftest import DebianKernel, make_jobs, run_nqgen
 from elffixtures import build_module
 from nqgen import kstyle
 from nqgen.reprokernel import CACHE_ENV, DEFAULT_CACHE, SOURCE_TARBALL
@@ -64,12 +65,20 @@ def test_checkpatch_finds_what_it_should(checkpatch_pl: Path, tmp_path: Path) ->
 def test_every_generated_tree_passes_checkpatch_strict(
     checkpatch_pl: Path, debian: DebianKernel, tmp_path: Path
 ) -> None:
-    trees = [generate(["--kdir", str(debian.kdir), "--module", str(debian.nf_conntrack)], tmp_path / "debian")]
-    for generation, case in sorted(CASES.items()):
+    def fixture_tree(generation: str) -> Path:
+        case = CASES[generation]
         work = tmp_path / generation.replace(".", "_")
         work.mkdir()
         ko = build_module(work, case.source, case.ko, case.cflags)
-        trees.append(generate(["--kdir", str(HEADER_TREES / generation), "--module", str(ko)], work))
+        return generate(["--kdir", str(HEADER_TREES / generation), "--module", str(ko)], work)
+
+    # one nqgen (a process of its own) per core at a time
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        debian_tree = pool.submit(
+            generate, ["--kdir", str(debian.kdir), "--module", str(debian.nf_conntrack)], tmp_path / "debian"
+        )
+        fixture_trees = list(pool.map(fixture_tree, sorted(CASES)))
+    trees = [debian_tree.result(), *fixture_trees]
     files = unique_sources(trees)
     assert len(files) >= 20, files
     findings = kstyle.run(files, checkpatch_pl)
@@ -118,7 +127,10 @@ def build_w1(out: Path) -> str:
     assert emitted
     # build only (`make` would also run `nqgen verify`, which needs the flavour's own module)
     make = subprocess.run(
-        ["nice", "-n", "10", "make", "-C", str(out), "W=1", *emitted], capture_output=True, text=True, timeout=1800
+        ["nice", "-n", "10", "make", *make_jobs(), "-C", str(out), "W=1", *emitted],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     log = make.stdout + make.stderr
     assert make.returncode == 0, log[-4000:]

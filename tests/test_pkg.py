@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, DebianKernel, run_nqgen
+from conftest import ROOT, DebianBuilt, DebianKernel, make_jobs, run_nqgen
 from nqgen.pkg import hostfiles
 from nqgen.pkg.archive import extract, member_path
 from nqgen.pkg.frompkg import cache_root
@@ -32,7 +32,7 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 def _make(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run(["make", "-s", "-C", str(out), f"NQGEN={sys.executable} -m nqgen", *args])
+    return _run(["make", "-s", *make_jobs(), "-C", str(out), f"NQGEN={sys.executable} -m nqgen", *args])
 
 
 def _tree_snapshot(root: Path) -> dict[str, bytes | None]:
@@ -236,14 +236,10 @@ def test_an_rpm_without_the_modules_says_which_package_is_missing(el_rpms: dict[
 
 
 @pytest.fixture(scope="module")
-def built_out(debian: DebianKernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every strategy generated for the installed Debian kernel and built against its headers."""
-    work = tmp_path_factory.mktemp("pkgout")
-    proc = run_nqgen(["--strategy", "all", "--kdir", str(debian.kdir), "--out", "out"], cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    build = _make(work / "out")
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    return work / "out"
+def built_out(debian_built: DebianBuilt) -> Path:
+    """Every strategy generated for the installed Debian kernel and built against its headers (conftest: one
+    build for the session; the targets here only add packages/ to it)."""
+    return debian_built.out
 
 
 def test_rpm_is_kmod_style_for_the_exact_kernel(debian: DebianKernel, built_out: Path, tmp_path: Path) -> None:

@@ -96,23 +96,45 @@ def sources(trees: Iterable[Path]) -> list[Path]:
     )
 
 
-def run(files: Sequence[Path], script: Path | None = None) -> list[Finding]:
-    """checkpatch.pl --no-tree --strict on the files (one run); every finding it prints."""
+def run(files: Sequence[Path], script: Path | None = None, jobs: int | None = None) -> list[Finding]:
+    """checkpatch.pl --no-tree --strict on the files; every finding it prints, in file order.
+
+    The files are split over ``jobs`` checkpatch processes run side by side (default: one per core); checkpatch
+    judges each ``-f`` file on its own, so the findings are the same as from one run.
+    """
     if not files:
         return []
     script = script or checkpatch()
     cmd = ["perl", str(script), "--no-tree", "--strict", "--terse", "--show-types", "--no-summary", "-f"]
-    proc = subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=900)
-    if proc.returncode not in (0, 1) or proc.stderr.strip():
-        raise BuildError(f"checkpatch.pl failed (exit {proc.returncode}): {proc.stderr.strip()[:300]}")
+    n = max(1, min(jobs or os.cpu_count() or 1, len(files)))
+    chunks = [list(files[i::n]) for i in range(n)]
+    procs = [
+        subprocess.Popen([*cmd, *map(str, chunk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for chunk in chunks
+    ]
+    outputs: list[str] = []
+    failure = ""
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            failure = failure or "checkpatch.pl timed out after 900 s"
+        if not failure and (proc.returncode not in (0, 1) or stderr.strip()):
+            failure = f"checkpatch.pl failed (exit {proc.returncode}): {stderr.strip()[:300]}"
+        outputs.append(stdout)
+    if failure:
+        raise BuildError(failure)
     findings: list[Finding] = []
-    for line in proc.stdout.splitlines():
+    for line in (line for out in outputs for line in out.splitlines()):
         m = _FINDING.match(line)
         if m:
             findings.append(Finding(m["file"], int(m["line"]), m["level"], m["type"], m["msg"]))
         elif line.strip():
             raise BuildError(f"checkpatch.pl printed an unexpected line: {line[:200]}")
-    return findings
+    order = {str(f): i for i, f in enumerate(files)}
+    return sorted(findings, key=lambda f: (order.get(f.file, len(order)), f.line))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

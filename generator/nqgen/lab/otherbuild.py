@@ -3,11 +3,13 @@
 Debian's ``linux-source-6.1`` holds the source of the installed 6.1 kernel; its ``net/netfilter`` conntrack files
 built out of tree against the installed build tree give an ``nf_conntrack.ko`` with the same release, vermagic,
 exports and (here) even the same function offsets, but another build ID. Cached in
-``$NQGEN_CACHE/other-build/<release>/``.
+``$NQGEN_CACHE/other-build/<release>/<key>/``, the key hashing its inputs: the source package's version, the
+build tree's ``.config`` and ``Module.symvers``, and this recipe's version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BuildError, InputError
-from ..reprokernel import CACHE_ENV, DEFAULT_CACHE, SOURCE_TARBALL
+from ..reprokernel import CACHE_ENV, DEFAULT_CACHE, SOURCE_TARBALL, source_id
 
+RECIPE = "1"  # bump when the way the module is built changes
 _WANTED = re.compile(r"^[^/]+/net/netfilter/(nf_conntrack[\w-]*\.c|nf_internals\.h|Makefile)$")
 
 
@@ -47,14 +50,26 @@ def _kbuild(makefile: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_key(kdir: Path, release: str, tarball: Path = SOURCE_TARBALL) -> str:
+    """What the rebuilt module depends on: the source, the build tree it is built against, the recipe."""
+    h = hashlib.sha256(f"{RECIPE}\0{release}\0{source_id(tarball)}\0".encode())
+    for name in (".config", "Module.symvers"):
+        try:
+            h.update(name.encode() + b"\0" + (kdir / name).read_bytes())
+        except OSError as exc:
+            raise InputError(f"cannot read {kdir / name}: {exc}") from exc
+    return h.hexdigest()[:16]
+
+
 def other_nf_conntrack(kdir: Path, release: str, tarball: Path = SOURCE_TARBALL, nice: int = 10) -> Path:
     """nf_conntrack.ko rebuilt from source against ``kdir`` (cached); InputError when it cannot be made."""
-    cache = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE) / "other-build" / release
+    if not tarball.is_file():
+        raise InputError(f"{tarball} is missing (apt-get install linux-source-6.1)")
+    root = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE) / "other-build" / release
+    cache = root / cache_key(kdir, release, tarball)
     ko = cache / "nf_conntrack.ko"
     if ko.is_file():
         return ko
-    if not tarball.is_file():
-        raise InputError(f"{tarball} is missing (apt-get install linux-source-6.1)")
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{release}.", dir=cache.parent) as tmp:
         build = Path(tmp) / "build"
