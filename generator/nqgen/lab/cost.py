@@ -24,14 +24,13 @@ from .guest import (
     EXIT_HELPER_FAILED,
     RESULT_TTY,
     WORKLOAD_DPORT,
-    _patched_block,
     _q,
-    _unload_block,
+    patched_block,
+    unload_block,
 )
 from .manifest import Manifest
-from .qemu import QemuConfig, boot
 from .results import Fault, find_faults
-from .runner import LabConfig, RunSpec, _check_vermagic, _Guest, _plan
+from .runner import Guest, LabConfig, RunSpec, boot_initramfs, check_built, plan_boot
 
 SPORT_FIRST = 10000
 SPORT_LAST = 65000
@@ -150,14 +149,11 @@ def _records(text: str) -> list[dict[str, Any]]:
 def run_cost(config: LabConfig, manifest: Manifest, cp: CostPlan, work_dir: Path | None = None) -> CostResult:
     """Boot once, alternating phases without and with ``manifest``'s module."""
     cp.check()
-    if not manifest.ko.is_file():
-        raise InputError(f"{manifest.ko} does not exist (build the module first)")
-    _check_vermagic(manifest.ko, config.kernel.release, f"{manifest.ko.name} ({manifest.strategy})")
+    check_built(manifest, config.kernel.release)
     with tempfile.TemporaryDirectory(prefix="nqgen-cost-", dir=work_dir) as tmp:
         work = Path(tmp)
-        guest = _Guest(config, work)
-        deps = guest.closure([manifest.ko])
-        plan = _plan(RunSpec(f"cost-{manifest.strategy}", manifest, False), deps, guest.release, config.workload)
+        guest = Guest(config, work)
+        plan, deps = plan_boot(guest, RunSpec(f"cost-{manifest.strategy}", manifest, False))
         assert plan.mitigation is not None
         m = plan.mitigation
         dep_lines = []
@@ -169,15 +165,10 @@ def run_cost(config: LabConfig, manifest: Manifest, cp: CostPlan, work_dir: Path
                          f" || finish {EXIT_HELPER_FAILED}")  # fmt: skip
         load = f"MIT=0\nload mitigation {_q(m.name)} {_q(m.path)} false {' '.join(_q(p) for p in m.params)} && MIT=1"
         if plan.unload == "livepatch":
-            load += "\n" + _patched_block(plan)
-        init = render_init(cp, {"deps": "\n".join(dep_lines), "load": load, "unload": _unload_block(plan)})
-        initrd = work / "initrd.cpio"
-        initrd.write_bytes(guest.initramfs(plan, deps, manifest, init=init))
-        outcome = boot(QemuConfig(kernel=config.kernel.boot_path, initrd=initrd, smp=max(config.smp, 2),
-                                  memory=config.memory, timeout=config.timeout, append=config.append), work)
-        if config.logs_dir is not None:
-            config.logs_dir.mkdir(parents=True, exist_ok=True)
-            (config.logs_dir / f"cost-{manifest.strategy}.console.log").write_text(outcome.console)
-            (config.logs_dir / f"cost-{manifest.strategy}.results.jsonl").write_text(outcome.results)
+            load += "\n" + patched_block(plan)
+        init = render_init(cp, {"deps": "\n".join(dep_lines), "load": load, "unload": unload_block(plan)})
+        initramfs = guest.initramfs(plan, deps, manifest, init=init)
+        outcome = boot_initramfs(config, initramfs, work / "cost", f"cost-{manifest.strategy}",
+                                 smp=max(config.smp, 2))  # fmt: skip
     return CostResult(manifest.strategy, config.kernel.release, cp, round(outcome.seconds, 2), outcome.guest_exit,
                       _records(outcome.results), find_faults(outcome.console))  # fmt: skip

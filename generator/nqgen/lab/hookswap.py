@@ -38,9 +38,8 @@ from .guest import (
     _q,
 )
 from .manifest import Manifest
-from .qemu import QemuConfig, boot
 from .results import Fault, find_faults
-from .runner import LabConfig, RunSpec, _check_vermagic, _Guest, _plan
+from .runner import Guest, LabConfig, RunSpec, boot_initramfs, check_built, plan_boot
 
 Kind = Literal["race", "window", "unmatched"]
 HELPER = "nqlab_hookrace"
@@ -243,35 +242,24 @@ def run_scenario(config: LabConfig, manifest: Manifest, sc: Scenario, work_dir: 
     """Boot once for scenario ``sc`` with the hook-swap module of ``manifest``."""
     if manifest.strategy != "hook-swap":
         raise InputError(f"the hook-swap scenarios need the hook-swap module, not {manifest.strategy}")
-    if not manifest.ko.is_file():
-        raise InputError(f"{manifest.ko} does not exist (build the module first)")
-    _check_vermagic(manifest.ko, config.kernel.release, f"{manifest.ko.name} ({manifest.strategy})")
+    check_built(manifest, config.kernel.release)
     with tempfile.TemporaryDirectory(prefix="nqgen-hookswap-", dir=work_dir) as tmp:
         work = Path(tmp)
-        guest = _Guest(config, work)
+        guest = Guest(config, work)
         race_ko = build.build_module(build.guest_source(f"{HELPER}.c"), HELPER, config.kdir, work / HELPER)
-        deps = guest.closure([manifest.ko, race_ko])
-        plan = _plan(RunSpec(f"hook-swap-{sc.kind}", manifest, False), deps, guest.release, config.workload)
+        plan, deps = plan_boot(guest, RunSpec(f"hook-swap-{sc.kind}", manifest, False), [race_ko])
         assert plan.mitigation is not None
         mitigation = GuestModule(plan.mitigation.name, plan.mitigation.path, "mitigation", sc.params)
         init = render_init(sc, plan.deps, plan.helper, mitigation)
-        initrd = work / "initrd.cpio"
-        initrd.write_bytes(guest.initramfs(plan, deps, manifest, init=init, extra={HELPER_GUEST: race_ko}))
-        outcome = boot(
-            QemuConfig(
-                kernel=config.kernel.boot_path,
-                initrd=initrd,
-                smp=max(config.smp, 2),
-                memory=config.memory,
-                timeout=config.timeout,
-                append=f"{APPEND} {config.append}".strip(),
-            ),
-            work,
+        initramfs = guest.initramfs(plan, deps, manifest, init=init, extra={HELPER_GUEST: race_ko})
+        outcome = boot_initramfs(
+            config,
+            initramfs,
+            work / "boot",
+            f"hook-swap-{sc.kind}",
+            smp=max(config.smp, 2),
+            append=f"{APPEND} {config.append}".strip(),
         )
-        if config.logs_dir is not None:
-            config.logs_dir.mkdir(parents=True, exist_ok=True)
-            (config.logs_dir / f"hook-swap-{sc.kind}.console.log").write_text(outcome.console)
-            (config.logs_dir / f"hook-swap-{sc.kind}.results.jsonl").write_text(outcome.results)
     return ScenarioResult(
         kind=sc.kind,
         module=manifest.module,

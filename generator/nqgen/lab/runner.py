@@ -1,4 +1,10 @@
-"""The lab's boots: a baseline, a baseline with NFQUEUE, then one boot per generated strategy."""
+"""The lab's boots: a baseline, a baseline with NFQUEUE, then one boot per generated strategy.
+
+The public "boot one plan" API, shared by the lab's scenarios (cost, hookswap, soak, node):
+``check_built`` (a manifest's module exists and fits the kernel), ``Guest`` (what every initramfs shares),
+``plan_boot`` (a boot's module closure and guest plan), ``boot_initramfs`` (one qemu boot, logs kept) and
+``kernel_json`` / ``machine_info`` (the kernel and machine blocks of a result JSON).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,11 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import InputError, LabError
 from . import build, guestapi
@@ -20,7 +26,7 @@ from .initramfs import Cpio
 from .kernel import KernelImage
 from .manifest import Manifest
 from .modtree import ModuleFile, ModuleTree, modinfo, modinfo_depends, modinfo_softdeps, read_module
-from .qemu import QemuConfig, boot
+from .qemu import QemuConfig, QemuOutcome, boot
 from .results import RunResult, apply_results, find_faults
 
 LAB_ROOTS = ("nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue")
@@ -117,7 +123,9 @@ def _check_static(busybox: Path) -> None:
         raise InputError(f"{busybox} is dynamically linked; the guest needs busybox-static")
 
 
-def _applets(busybox: Path) -> list[str]:
+def busybox_applets(busybox: Path) -> list[str]:
+    """The applets of a static busybox (refused when it is missing or dynamically linked)."""
+    _check_static(busybox)
     proc = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False)
     applets = [a for a in proc.stdout.split() if a and "/" not in a and a != "busybox"]
     if not applets:
@@ -125,28 +133,38 @@ def _applets(busybox: Path) -> list[str]:
     return applets
 
 
-def _check_vermagic(ko: Path, release: str, what: str) -> None:
+def check_vermagic(ko: Path, release: str, what: str) -> None:
+    """LabError unless ``ko`` was built for ``release``."""
     vermagic = (modinfo(ko).get("vermagic") or [""])[0]
     if vermagic.split(" ", 1)[0] != release:
         raise LabError(f"{what} was built for {vermagic.split(' ', 1)[0] or '?'}, the kernel is {release}")
 
 
-class _Guest:
+def check_built(m: Manifest, release: str) -> None:
+    """The manifest's module is built, for this kernel, and is the module the manifest names."""
+    if not m.ko.is_file():
+        raise InputError(f"{m.ko} does not exist (build the module first)")
+    check_vermagic(m.ko, release, f"{m.ko.name} ({m.strategy})")
+    name = (modinfo(m.ko).get("name") or [m.module])[0]
+    if name != m.module:
+        raise InputError(f"{m.ko} is module {name!r}, its manifest says {m.module!r}")
+
+
+class Guest:
     """What every boot's initramfs shares: busybox, guest programs, the kernel's modules, the helper."""
 
     def __init__(self, config: LabConfig, work: Path) -> None:
         self.config = config
         self.release = config.kernel.release
-        _check_static(config.busybox)
-        self.applets = _applets(config.busybox)
+        self.applets = busybox_applets(config.busybox)
         self.programs = build.build_programs(work / "programs")
         self.api = guestapi.decide(config.kdir)
         self.helper = build.build_helper(config.kdir, work / "helper", self.api)
-        _check_vermagic(self.helper, self.release, f"nqlab_ct.ko (built against {config.kdir})")
+        check_vermagic(self.helper, self.release, f"nqlab_ct.ko (built against {config.kdir})")
         self.detector: Path | None = None
         if self.api.detector and config.detector:
             self.detector = build.build_detector(config.kdir, work / "detector", self.api)
-            _check_vermagic(self.detector, self.release, f"nqlab_detect.ko (built against {config.kdir})")
+            check_vermagic(self.detector, self.release, f"nqlab_detect.ko (built against {config.kdir})")
         self.tree = ModuleTree.load(config.modules_dir)
         self._module_bytes: dict[str, bytes] = {}
 
@@ -216,9 +234,10 @@ def _bridge(m: Manifest) -> bool:
     return "nf_confirm" in m.patched
 
 
-def _plan(
+def plan_guest(
     spec: RunSpec, deps: list[ModuleFile], release: str, workload: Workload, detector: bool = False
 ) -> GuestPlan:
+    """The guest plan of one boot, its modules ``deps`` already chosen."""
     guest_deps = tuple(
         GuestModule(m.name, f"/lib/modules/{release}/{m.plain_relpath}", "dep", (), m.optional) for m in deps
     )
@@ -266,28 +285,77 @@ def _plan(
     )
 
 
-def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
-    """Boot once for ``spec`` and return what was measured."""
-    cfg = guest.config
-    extra = [m.ko for m in (spec.manifest, spec.beside) if m is not None]
-    deps = guest.closure(extra, bridge=spec.manifest is not None and _bridge(spec.manifest))
-    plan = _plan(spec, deps, guest.release, cfg.workload, guest.detector is not None)
-    tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
-    run_dir = work / tag
+def plan_boot(
+    guest: Guest, spec: RunSpec, extra: Sequence[Path] = (), *, bridge: bool = False, detector: bool = False
+) -> tuple[GuestPlan, list[ModuleFile]]:
+    """One boot's guest plan and module closure: the kernel modules that the lab, the spec's modules and the
+    ``extra`` modules (a scenario's own helper) need; ``bridge`` adds the bridge's, ``detector`` loads the
+    stale-use detector."""
+    kos = [m.ko for m in (spec.manifest, spec.beside) if m is not None] + list(extra)
+    deps = guest.closure(kos, bridge=bridge)
+    return plan_guest(spec, deps, guest.release, guest.config.workload, detector), deps
+
+
+class VmConfig(Protocol):
+    """What a boot needs of a lab's configuration (LabConfig, the node scenario's NodeConfig)."""
+
+    @property
+    def kernel(self) -> KernelImage: ...
+    @property
+    def smp(self) -> int: ...
+    @property
+    def memory(self) -> str: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def append(self) -> str: ...
+    @property
+    def logs_dir(self) -> Path | None: ...
+
+
+def boot_initramfs(
+    config: VmConfig,
+    initramfs: bytes,
+    run_dir: Path,
+    log_tag: str,
+    *,
+    smp: int | None = None,
+    timeout: float | None = None,
+    append: str | None = None,
+) -> QemuOutcome:
+    """Boot ``config``'s kernel once with ``initramfs`` (kept as ``run_dir/initrd.cpio``). ``smp``, ``timeout``
+    and ``append`` replace the config's; a KASAN kernel also gets ``kasan_multi_shot``. The console and the
+    result lines are copied to ``config.logs_dir`` as ``<log_tag>.console.log`` and ``<log_tag>.results.jsonl``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     initrd = run_dir / "initrd.cpio"
-    initrd.write_bytes(guest.initramfs(plan, deps, spec.manifest, beside=spec.beside))
+    initrd.write_bytes(initramfs)
+    cmdline = config.append if append is None else append
     outcome = boot(
         QemuConfig(
-            kernel=cfg.kernel.boot_path,
+            kernel=config.kernel.boot_path,
             initrd=initrd,
-            smp=cfg.smp,
-            memory=cfg.memory,
-            timeout=cfg.timeout,
-            append=("kasan_multi_shot " if cfg.kernel.kasan else "") + cfg.append,
+            smp=config.smp if smp is None else smp,
+            memory=config.memory,
+            timeout=config.timeout if timeout is None else timeout,
+            append=("kasan_multi_shot " if config.kernel.kasan else "") + cmdline,
         ),
         run_dir,
     )
+    if config.logs_dir is not None:
+        config.logs_dir.mkdir(parents=True, exist_ok=True)
+        (config.logs_dir / f"{log_tag}.console.log").write_text(outcome.console)
+        (config.logs_dir / f"{log_tag}.results.jsonl").write_text(outcome.results)
+    return outcome
+
+
+def run_one(guest: Guest, spec: RunSpec, work: Path) -> RunResult:
+    """Boot once for ``spec`` and return what was measured."""
+    cfg = guest.config
+    bridge = spec.manifest is not None and _bridge(spec.manifest)
+    plan, deps = plan_boot(guest, spec, bridge=bridge, detector=guest.detector is not None)
+    tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
+    initramfs = guest.initramfs(plan, deps, spec.manifest, beside=spec.beside)
+    outcome = boot_initramfs(cfg, initramfs, work / tag, tag)
     m = spec.manifest
     result = RunResult(
         name=spec.name,
@@ -309,10 +377,6 @@ def run_one(guest: _Guest, spec: RunSpec, work: Path) -> RunResult:
     result.set_faults(find_faults(outcome.console))
     for fault in result.faults[MAX_FAULT_TEXTS:]:
         fault.text = ""  # a KASAN multi-shot run can report hundreds of times: keep titles and frames
-    if cfg.logs_dir is not None:
-        cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.logs_dir / f"{tag}.console.log").write_text(outcome.console)
-        (cfg.logs_dir / f"{tag}.results.jsonl").write_text(outcome.results)
     return result
 
 
@@ -348,19 +412,14 @@ def run_lab(
     if not 1 <= w.rounds <= MAX_ROUNDS or not 1 <= w.threads <= 16 or w.health_rounds + w.rounds > MAX_ROUNDS + 100:
         raise InputError(f"rounds must be 1..{MAX_ROUNDS} and threads 1..16")
     for m in [*manifests, *([config.beside] if config.beside is not None else [])]:
-        if not m.ko.is_file():
-            raise InputError(f"{m.ko} does not exist (build the module first)")
-        _check_vermagic(m.ko, config.kernel.release, f"{m.ko.name} ({m.strategy})")
-        name = (modinfo(m.ko).get("name") or [m.module])[0]
-        if name != m.module:
-            raise InputError(f"{m.ko} is module {name!r}, its manifest says {m.module!r}")
+        check_built(m, config.kernel.release)
     specs = plan_runs(manifests, config.baselines, config.repeat, config.nfqueue_variants, config.beside)
     if not specs:
         raise InputError("nothing to run: no baseline and no built strategy")
     lab = LabRun(config=config, date=datetime.now(UTC).isoformat(timespec="seconds"))
     with tempfile.TemporaryDirectory(prefix="nqgen-lab-", dir=work_dir) as tmp:
         work = Path(tmp)
-        guest = _Guest(config, work)
+        guest = Guest(config, work)
         lab.guest_api = guest.api
         for i, spec in enumerate(specs, 1):
             if progress is not None:
@@ -372,6 +431,18 @@ def run_lab(
     return lab
 
 
+def kernel_json(kernel: KernelImage, modules_dir: Path, kdir: Path) -> dict[str, Any]:
+    """The ``kernel`` block of a lab's result JSON."""
+    return {
+        "image": str(kernel.image),
+        "release": kernel.release,
+        "boot_mode": kernel.boot_mode,
+        "kasan": kernel.kasan,
+        "modules_dir": str(modules_dir),
+        "kdir": str(kdir),
+    }
+
+
 def lab_json(lab: LabRun) -> dict[str, Any]:
     """The content of out/lab.json."""
     c = lab.config
@@ -380,14 +451,7 @@ def lab_json(lab: LabRun) -> dict[str, Any]:
         "schema": "nqgen-lab/1",
         "date": lab.date,
         "machine": machine_info(),
-        "kernel": {
-            "image": str(c.kernel.image),
-            "release": c.kernel.release,
-            "boot_mode": c.kernel.boot_mode,
-            "kasan": c.kernel.kasan,
-            "modules_dir": str(c.modules_dir),
-            "kdir": str(c.kdir),
-        },
+        "kernel": kernel_json(c.kernel, c.modules_dir, c.kdir),
         "vm": {"smp": c.smp, "memory": c.memory, "timeout": c.timeout, "append": c.append},
         "repeat": c.repeat,
         "workload": {

@@ -29,9 +29,9 @@ from .guest import _PRELUDE, RESULT_TTY
 from .initramfs import Cpio
 from .manifest import Manifest
 from .modtree import ModuleFile
-from .qemu import QemuConfig, QemuOutcome, boot
+from .qemu import QemuOutcome
 from .results import find_faults, parse_ct_stat
-from .runner import DEVICE_NODES, LabConfig, _Guest
+from .runner import DEVICE_NODES, Guest, LabConfig, boot_initramfs
 
 SOAK_HELPER = "nqsoak_ct"
 GUEST_DIR = "/nqlab"
@@ -287,7 +287,7 @@ class AbuseLab:
     def __init__(self, config: LabConfig, work: Path) -> None:
         self.config = config
         self.work = work
-        self.guest = _Guest(config, work)
+        self.guest = Guest(config, work)
         self.helper = build.build_module(
             build.guest_source(f"{SOAK_HELPER}.c"), SOAK_HELPER, config.kdir, work / SOAK_HELPER
         )
@@ -322,22 +322,8 @@ class AbuseLab:
     def boot(
         self, tag: str, init: str, modules: list[SoakModule], deps: list[ModuleFile], timeout: float
     ) -> BootRecord:
-        run_dir = self.work / tag
-        run_dir.mkdir(parents=True, exist_ok=True)
-        initrd = run_dir / "initrd.cpio"
-        initrd.write_bytes(self._initramfs(init, modules, deps))
-        cfg = self.config
-        outcome = boot(
-            QemuConfig(
-                kernel=cfg.kernel.boot_path, initrd=initrd, smp=cfg.smp, memory=cfg.memory, timeout=timeout,
-                append=("kasan_multi_shot " if cfg.kernel.kasan else "") + cfg.append,
-            ),
-            run_dir,
-        )  # fmt: skip
-        if cfg.logs_dir is not None:
-            cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.logs_dir / f"{tag}.console.log").write_text(outcome.console)
-            (cfg.logs_dir / f"{tag}.results.jsonl").write_text(outcome.results)
+        initramfs = self._initramfs(init, modules, deps)
+        outcome = boot_initramfs(self.config, initramfs, self.work / tag, tag, timeout=timeout)
         return parse_boot(outcome)
 
     def soak(

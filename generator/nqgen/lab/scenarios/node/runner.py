@@ -17,9 +17,16 @@ from ...initramfs import Cpio
 from ...kernel import KernelImage
 from ...manifest import Manifest
 from ...modtree import ModuleFile, ModuleTree, modinfo_depends, modinfo_softdeps, read_module
-from ...qemu import QemuConfig, boot
 from ...results import RunResult, find_faults
-from ...runner import DEVICE_NODES, _applets, _check_static, _check_vermagic, machine_info
+from ...runner import (
+    DEVICE_NODES,
+    boot_initramfs,
+    busybox_applets,
+    check_built,
+    check_vermagic,
+    kernel_json,
+    machine_info,
+)
 from . import kmods, userland
 from .results import NodeRun, parse_node
 from .script import HOSTS_PATH, TFTP_FILE, NodePlan, NodeWorkload, render_node_init
@@ -97,14 +104,13 @@ class NodeGuest:
     def __init__(self, config: NodeConfig, work: Path) -> None:
         self.config = config
         self.release = config.kernel.release
-        _check_static(config.busybox)
-        self.applets = _applets(config.busybox)
+        self.applets = busybox_applets(config.busybox)
         self.nfqpool, lookup = _build_programs(work / "programs")
         self.userland = userland.collect({"usr/bin/nq_lookup": lookup})
         self.tree = ModuleTree.load(config.modules_dir)
         self.extras = kmods.build_extras(self.tree, config.kdir, work / "extras")
         for name, ko in self.extras.extras.items():
-            _check_vermagic(ko, self.release, f"{name}.ko (built from {config.kdir})")
+            check_vermagic(ko, self.release, f"{name}.ko (built from {config.kdir})")
         self._bytes: dict[str, bytes] = {}
         self.hosts = hosts_file(config.workload.names).encode()
         self.blob = bytes((i * 7919 + (i >> 8)) & 0xFF for i in range(16 * 1024))
@@ -184,15 +190,7 @@ def run_node_one(guest: NodeGuest, spec: NodeSpec, work: Path) -> NodeRun:
         extra_queues=(m.queue_base, m.queue_count) if m is not None and m.queue_base is not None else None,
     )
     tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
-    run_dir = work / tag
-    run_dir.mkdir(parents=True, exist_ok=True)
-    initrd = run_dir / "initrd.cpio"
-    initrd.write_bytes(guest.initramfs(plan, deps, m))
-    outcome = boot(
-        QemuConfig(kernel=cfg.kernel.boot_path, initrd=initrd, smp=cfg.smp, memory=cfg.memory, timeout=cfg.timeout,
-                   append=("kasan_multi_shot " if cfg.kernel.kasan else "") + cfg.append),
-        run_dir,
-    )
+    outcome = boot_initramfs(cfg, guest.initramfs(plan, deps, m), work / tag, f"node-{tag}")
     base = RunResult(
         name=spec.name, repeat=spec.repeat, kind="baseline" if m is None else "mitigation",
         strategy=None if m is None else m.strategy, module=None if m is None else m.module,
@@ -205,10 +203,6 @@ def run_node_one(guest: NodeGuest, spec: NodeSpec, work: Path) -> NodeRun:
     base.set_faults(find_faults(outcome.console))
     for fault in base.faults[5:]:
         fault.text = ""
-    if cfg.logs_dir is not None:
-        cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.logs_dir / f"node-{tag}.console.log").write_text(outcome.console)
-        (cfg.logs_dir / f"node-{tag}.results.jsonl").write_text(outcome.results)
     return run
 
 
@@ -232,9 +226,7 @@ def run_node_lab(
     if not 1 <= w.lookups <= w.names or not 1 <= w.health_lookups <= w.names or not 1 <= w.threads <= 64:
         raise InputError(f"lookups and health lookups must be 1..{w.names} (the names dnsmasq serves), threads 1..64")
     for m in manifests:
-        if not m.ko.is_file():
-            raise InputError(f"{m.ko} does not exist (build the module first)")
-        _check_vermagic(m.ko, config.kernel.release, f"{m.ko.name} ({m.strategy})")
+        check_built(m, config.kernel.release)
     specs = plan_node_runs(config, manifests)
     if not specs:
         raise InputError("nothing to run: no baseline and no built strategy")
@@ -260,8 +252,7 @@ def node_json(lab: NodeLab) -> dict[str, Any]:
         "schema": "nqgen-node-lab/1",
         "date": lab.date,
         "machine": machine_info(),
-        "kernel": {"image": str(c.kernel.image), "release": c.kernel.release, "boot_mode": c.kernel.boot_mode,
-                   "kasan": c.kernel.kasan, "modules_dir": str(c.modules_dir), "kdir": str(c.kdir)},
+        "kernel": kernel_json(c.kernel, c.modules_dir, c.kdir),
         "built_from_source": sorted(kmods.missing_roots(ModuleTree.load(c.modules_dir))),
         "vm": {"smp": c.smp, "memory": c.memory, "timeout": c.timeout},
         "repeat": c.repeat,
