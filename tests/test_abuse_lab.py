@@ -48,9 +48,14 @@ def generated(debian_built: DebianBuilt) -> dict[str, Manifest]:
     return {m.strategy: m for m in discover(debian_built.out)}  # conftest: one build for the session
 
 
+_SHARED: dict[Path, AbuseLab] = {}  # the guest (programs, helper modules) built once for Debian's own tree
+
+
 def _lab(debian: DebianKernel, work: Path, modules_dir: Path | None = None) -> AbuseLab:
     if subprocess.run(["which", "qemu-system-x86_64"], capture_output=True).returncode != 0:
         pytest.skip("qemu-system-x86_64 is not installed (make deps installs it)")
+    if modules_dir is None and debian.modules_dir in _SHARED:
+        return _SHARED[debian.modules_dir]  # each boot gets a fresh initramfs and VM; only the build is shared
     cfg = LabConfig(
         kernel=resolve_image(debian.vmlinuz, default_cache_dir()),
         modules_dir=modules_dir or debian.modules_dir,
@@ -60,6 +65,8 @@ def _lab(debian: DebianKernel, work: Path, modules_dir: Path | None = None) -> A
     )
     lab, tmp = make_lab(cfg, work)
     lab._keep = tmp  # type: ignore[attr-defined]  # the work dir lives as long as the lab
+    if modules_dir is None:
+        _SHARED[debian.modules_dir] = lab
     return lab
 
 
