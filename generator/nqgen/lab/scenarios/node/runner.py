@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ....errors import BuildError, InputError
+from ... import build, guestapi
 from ...build import _first_error, guest_source
 from ...guest import GuestModule, GuestPlan, Workload
 from ...initramfs import Cpio
@@ -19,7 +20,7 @@ from ...manifest import Manifest
 from ...modtree import ModuleFile, ModuleTree, modinfo_depends, modinfo_softdeps, read_module
 from ...qemu import QemuConfig, boot
 from ...results import RunResult, find_faults
-from ...runner import DEVICE_NODES, _applets, _check_static, _check_vermagic, machine_info
+from ...runner import DETECTOR_GUEST_PATH, DEVICE_NODES, _applets, _check_static, _check_vermagic, machine_info
 from . import kmods, userland
 from .results import NodeRun, parse_node
 from .script import HOSTS_PATH, TFTP_FILE, NodePlan, NodeWorkload, render_node_init
@@ -46,6 +47,7 @@ class NodeConfig:
     busybox: Path = Path("/bin/busybox")
     logs_dir: Path | None = None
     append: str = ""
+    detector: bool = True  # load the stale-use detector (nqlab_detect) where the kernel allows it
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,12 @@ class NodeGuest:
         self.extras = kmods.build_extras(self.tree, config.kdir, work / "extras")
         for name, ko in self.extras.extras.items():
             _check_vermagic(ko, self.release, f"{name}.ko (built from {config.kdir})")
+        # stale uses where KASAN is absent (3.10) and NAT set up on confirmed entries (nqlab_detect)
+        self.api = guestapi.decide(config.kdir)
+        self.detector: Path | None = None
+        if self.api.detector and config.detector:
+            self.detector = build.build_detector(config.kdir, work / "detector", self.api)
+            _check_vermagic(self.detector, self.release, f"nqlab_detect.ko (built against {config.kdir})")
         self._bytes: dict[str, bytes] = {}
         self.hosts = hosts_file(config.workload.names).encode()
         self.blob = bytes((i * 7919 + (i >> 8)) & 0xFF for i in range(16 * 1024))
@@ -112,7 +120,7 @@ class NodeGuest:
     def closure(self, extra: list[Path]) -> list[ModuleFile]:
         roots = kmods.tree_roots(self.tree, self.extras)
         softdeps: list[str] = []
-        for ko in extra:
+        for ko in [*extra, *([self.detector] if self.detector is not None else [])]:
             roots += modinfo_depends(ko)
             softdeps += modinfo_softdeps(ko)
         return self.tree.closure(roots, softdeps)
@@ -150,6 +158,8 @@ class NodeGuest:
             c.copy(f"nqlab/extra/{name}.ko", ko)
         if mitigation is not None:
             c.copy(f"nqlab/{mitigation.module}.ko", mitigation.ko)
+        if self.detector is not None:
+            c.copy(DETECTOR_GUEST_PATH.lstrip("/"), self.detector)
         c.file("init", render_node_init(plan).encode(), 0o755)
         return c.bytes()
 
@@ -182,6 +192,8 @@ def run_node_one(guest: NodeGuest, spec: NodeSpec, work: Path) -> NodeRun:
         workload=w,
         mitigation=_mitigation_plan(m, gdeps) if m is not None else None,
         extra_queues=(m.queue_base, m.queue_count) if m is not None and m.queue_base is not None else None,
+        detector=(GuestModule(build.DETECTOR_MODULE, DETECTOR_GUEST_PATH, "detector", (), True)
+                  if guest.detector is not None else None),
     )
     tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
     run_dir = work / tag
@@ -263,6 +275,7 @@ def node_json(lab: NodeLab) -> dict[str, Any]:
         "kernel": {"image": str(c.kernel.image), "release": c.kernel.release, "boot_mode": c.kernel.boot_mode,
                    "kasan": c.kernel.kasan, "modules_dir": str(c.modules_dir), "kdir": str(c.kdir)},
         "built_from_source": sorted(kmods.missing_roots(ModuleTree.load(c.modules_dir))),
+        "guest": {"detector_used": c.detector and guestapi.decide(c.kdir).detector},
         "vm": {"smp": c.smp, "memory": c.memory, "timeout": c.timeout},
         "repeat": c.repeat,
         "workload": vars(w),
