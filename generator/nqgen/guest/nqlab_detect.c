@@ -11,10 +11,12 @@
  *   (a stale use: the released loser of a clash, what the unfixed inline confirm does) and
  *   first calls after a clash on the same CPU that get the entry the clash released.
  *
- * - Kprobes on nf_conntrack_alter_reply(ct, ...) and, when nf_nat is loaded, nf_nat_setup_info(ct, ...)
- *   count calls on an entry already confirmed (in the hash table): NAT set up after an early confirm.
- *   3.10's nf_nat_setup_info() has no confirmed check and rewrites the reply tuple of the hashed entry
- *   through nf_conntrack_alter_reply(); 4.x+ returns early, so only the nf_nat_setup_info count moves.
+ * - Kprobes on nf_conntrack_alter_reply(ct, ...) and, when nf_nat is loaded,
+ *   nf_nat_setup_info(ct, ...) count calls on an entry already confirmed (in
+ *   the hash table): NAT set up after an early confirm. 3.10's
+ *   nf_nat_setup_info() has no confirmed check and rewrites the reply tuple of
+ *   the hashed entry through nf_conntrack_alter_reply(); 4.x+ returns early,
+ *   so only the nf_nat_setup_info count moves there.
  *
  * Counts per family (IPv4, IPv6) as one JSON object in /sys/module/nqlab_detect/parameters/counts.
  * It only reads: nothing of the kernel's behaviour changes but timing. Lab only.
@@ -152,7 +154,8 @@ static int nqlab_nat_pre(struct kprobe *p, struct pt_regs *regs)
 
 static int nqlab_alter_pre(struct kprobe *p, struct pt_regs *regs)
 {
-	nqlab_confirmed_use((struct nf_conn *)regs->di, nqlab_alter_confirmed, "nf_conntrack_alter_reply");
+	nqlab_confirmed_use((struct nf_conn *)regs->di, nqlab_alter_confirmed,
+			    "nf_conntrack_alter_reply");
 	return 0;
 }
 
@@ -169,8 +172,7 @@ static struct kprobe nqlab_alter_probe = {
 static int nqlab_counts_get(char *buf, const struct kernel_param *kp)
 {
 	return scnprintf(buf, PAGE_SIZE,
-			 "{\"clashes\":[%ld,%ld],\"stale\":[%ld,%ld],\"loser\":[%ld,%ld],\"calls\":%ld,\"missed\":%lu,"
-			 "\"nat_probe\":%s,\"nat_confirmed\":[%ld,%ld],\"alter_confirmed\":[%ld,%ld]}\n",
+			 "{\"clashes\":[%ld,%ld],\"stale\":[%ld,%ld],\"loser\":[%ld,%ld],\"calls\":%ld,\"missed\":%lu,\"nat_probe\":%s,\"nat_confirmed\":[%ld,%ld],\"alter_confirmed\":[%ld,%ld]}\n",
 			 atomic_long_read(&nqlab_clashes[NQLAB_V4]),
 			 atomic_long_read(&nqlab_clashes[NQLAB_V6]),
 			 atomic_long_read(&nqlab_stale[NQLAB_V4]),
