@@ -187,7 +187,7 @@ def test_ipv6_target_attaches_when_nf_conntrack_ipv6_loads_on_rhel77(
         for phase in ("workload", "pre6", "late6", "health"):
             sent, received = r.traffic(phase)
             assert sent > 0 and received == sent, (name, phase, sent, received)
-        assert r.base.unloaded and not r.base.run_faults, (name, r.base.problems)
+        assert r.base.unload is not None and r.base.unload.ok and not r.base.run_faults, (name, r.base.problems)
         wl, pre, late = r.counters("workload"), r.counters("pre6"), r.counters("late6")
         if name == "advance-confirm":
             # IPv4 confirmed early at once; IPv6 without its confirm queued unconfirmed, then confirmed early
