@@ -35,9 +35,9 @@ def static_rows(profile: KernelProfile, results: dict[str, Feasibility]) -> list
                 "reason": r.reason,
                 "covers": list(r.covers),
                 "touches": on_target(s.touches, profile),
-                "needs": s.needs,
+                "needs": on_target(s.needs, profile),
                 "undo": on_target(s.undo, profile),
-                "risks": list(s.risks) + list(r.notes),
+                "risks": [x for x in (on_target(t, profile) for t in s.risks) if x] + list(r.notes),
             }
         )
     return rows

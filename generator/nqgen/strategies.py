@@ -95,7 +95,8 @@ def _optional_notes(profile: KernelProfile, families: tuple[str, ...]) -> tuple[
         if optional_target(profile, t.module, t.exported, ipv4_module):
             notes.append(
                 f"{fam}: {t.function} lives in [{t.module}], which need not be loaded: the module loads without it "
-                f"and attaches to it (module notifier) once [{t.module}] has loaded; until then {fam} is not covered"
+                f"and attaches to it (module notifier) once [{t.module}] has loaded; until then {fam} is not covered "
+                "(run in the lab on RHEL 7.7 for advance-confirm, ftrace and hook-swap)"
             )
     return tuple(notes)
 
@@ -107,7 +108,9 @@ def _nat_note(profile: KernelProfile) -> str:
             "this kernel's nf_nat_setup_info() has no confirmed check (struct nf_conn has no nat_bysource): "
             "an entry confirmed before SNAT/MASQUERADE would get the reply tuple of a hashed entry rewritten "
             "(replies stop matching, the entry is unlinked from the wrong bucket); hence entries NAT has seen "
-            "are never confirmed early"
+            "are never confirmed early (measured in the lab on RHEL 7.7 under MASQUERADE: the code that confirmed "
+            "them lost every DNS lookup while nf_conntrack_alter_reply() ran on hashed entries; today's keeps every "
+            "lookup and NATs no hashed entry)"
         )
     return (
         "this kernel's nf_nat_setup_info() leaves confirmed entries alone: an entry confirmed before "
@@ -282,9 +285,12 @@ def _check_livepatch(profile: KernelProfile) -> Feasibility:
 
 def on_target(text: str, profile: KernelProfile) -> str:
     """A strategy's description as it applies to the target: where hooks sit in one global table (3.10's
-    nf_register_hooks), they are not registered per netns."""
+    nf_register_hooks), they are not registered per netns (and hook-swap has neither kretprobe nor barrier).
+    An empty string: the line does not apply to the target."""
     if profile.features.registration != "global":
         return text
+    if text in _ON_GLOBAL_LISTS:
+        return _ON_GLOBAL_LISTS[text]
     return text.replace(" in every netns", " in the global hook table (one for every netns)").replace(
         "(pernet)", "(global)"
     )
@@ -307,6 +313,47 @@ def _check_hold_ref(profile: KernelProfile) -> Feasibility:
             "openvswitch, tc act_ct, IPVS",
         ),
     )
+
+
+HOOK_SWAP_TOUCHES = (
+    "writes (cmpxchg) the .hook of conntrack's registered hook entries in every netns; 4.16+: a kretprobe "
+    "on nf_hook_entries_grow swaps each new table before it is published"
+)
+HOOK_SWAP_NEEDS = "the confirm functions' addresses to recognise the entries; CONFIG_KRETPROBES for new registrations"
+HOOK_SWAP_UNDO = (
+    "stops the kretprobe and rescans, writes the original pointers back, then takes nf_hook_mutex "
+    "(registers and unregisters a no-op hook) so a registration that copied our pointer publishes, and "
+    "repeats until a pass after that barrier finds none; synchronize_net()"
+)
+HOOK_SWAP_WINDOW_RISK = (
+    "4.16+: a conntrack hook registered while loaded (a new container's first conntrack rule) is swapped "
+    "before publication; measured in the lab (Debian 6.1 under qemu, `nqgen.lab.hookswap` window "
+    "scenario, 8 fresh namespaces): already swapped when nf_ct_netns_get() returned in 8 of 8, where the "
+    "rescan-only module left each new confirm "
+    "slot on the original for 831-1015 ms (mean 911 ms, default interval_ms=1000). Without kretprobes "
+    "(or on a missed one) the rescan still takes up to interval_ms; RHEL 7 (global lists) has no kretprobe "
+    "path: an nf_conntrack_ipv6 loaded later runs the original until the rescan"
+)
+HOOK_SWAP_BARRIER_RISK = "the unload barrier flushes the NFQUEUE instances of init_net (any hook unregistration does)"
+# What those say on a kernel with one global hook table (3.10's nf_hooks[pf][hooknum] lists of the registered
+# nf_hook_ops, nf_register_hooks): no per-netns tables, no kretprobe, no nf_hook_mutex barrier. "" drops a line.
+_ON_GLOBAL_LISTS = {
+    HOOK_SWAP_TOUCHES: (
+        "writes (cmpxchg) ops->hook of conntrack's registered confirm nf_hook_ops in the global hook table "
+        "(the nf_hooks[pf][hooknum] lists, one for every netns); a delayed work rescans the lists every interval_ms"
+    ),
+    HOOK_SWAP_NEEDS: "the confirm functions' addresses to recognise the registered ops; the exported nf_hooks lists",
+    HOOK_SWAP_UNDO: (
+        "writes the original pointers back into every ops holding ours, synchronize_net(), and re-checks the lists "
+        "until none remains (registration links the ops and never copies ->hook)"
+    ),
+    HOOK_SWAP_WINDOW_RISK: (
+        "global lists: conntrack registers its confirm ops once per family, at module load, for every netns; an "
+        "ops registered while loaded (nf_conntrack_ipv6 loaded later) runs the original until the next rescan "
+        "(up to interval_ms: nothing reacts to the registration itself on this kernel)"
+    ),
+    HOOK_SWAP_BARRIER_RISK: "",
+}
 
 
 NAT_RISK = (
@@ -359,25 +406,12 @@ STRATEGIES: tuple[Strategy, ...] = (
     Strategy(
         name="hook-swap",
         summary="replace the hook function pointer registered for ipv4_confirm/ipv6_confirm, restore it on unload",
-        touches=(
-            "writes (cmpxchg) the .hook of conntrack's registered hook entries in every netns; 4.16+: a kretprobe "
-            "on nf_hook_entries_grow swaps each new table before it is published"
-        ),
-        needs="the confirm functions' addresses to recognise the entries; CONFIG_KRETPROBES for new registrations",
-        undo=(
-            "stops the kretprobe and rescans, writes the original pointers back, then takes nf_hook_mutex "
-            "(registers and unregisters a no-op hook) so a registration that copied our pointer publishes, and "
-            "repeats until a pass after that barrier finds none; synchronize_net()"
-        ),
+        touches=HOOK_SWAP_TOUCHES,
+        needs=HOOK_SWAP_NEEDS,
+        undo=HOOK_SWAP_UNDO,
         risks=(
-            "4.16+: a conntrack hook registered while loaded (a new container's first conntrack rule) is swapped "
-            "before publication; measured in the lab (Debian 6.1 under qemu, `nqgen.lab.hookswap` window "
-            "scenario, 8 fresh namespaces): already swapped when nf_ct_netns_get() returned in 8 of 8, where the "
-            "rescan-only module left each new confirm "
-            "slot on the original for 831-1015 ms (mean 911 ms, default interval_ms=1000). Without kretprobes "
-            "(or on a missed one) the rescan still takes up to interval_ms; RHEL 7 (global lists) has no kretprobe "
-            "path: an nf_conntrack_ipv6 loaded later runs the original until the rescan",
-            "the unload barrier flushes the NFQUEUE instances of init_net (any hook unregistration does)",
+            HOOK_SWAP_WINDOW_RISK,
+            HOOK_SWAP_BARRIER_RISK,
             "CFI kernels call through jump-table addresses no slot matches: it then swaps nothing, warns and counts "
             "`unmatched`",
         ),

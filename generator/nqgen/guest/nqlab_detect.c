@@ -11,6 +11,13 @@
  *   (a stale use: the released loser of a clash, what the unfixed inline confirm does) and
  *   first calls after a clash on the same CPU that get the entry the clash released.
  *
+ * - Kprobes on nf_conntrack_alter_reply(ct, ...) and, when nf_nat is loaded,
+ *   nf_nat_setup_info(ct, ...) count calls on an entry already confirmed (in
+ *   the hash table): NAT set up after an early confirm. 3.10's
+ *   nf_nat_setup_info() has no confirmed check and rewrites the reply tuple of
+ *   the hashed entry through nf_conntrack_alter_reply(); 4.x+ returns early,
+ *   so only the nf_nat_setup_info count moves there.
+ *
  * Counts per family (IPv4, IPv6) as one JSON object in /sys/module/nqlab_detect/parameters/counts.
  * It only reads: nothing of the kernel's behaviour changes but timing. Lab only.
  *
@@ -37,6 +44,9 @@ static atomic_long_t nqlab_clashes[NQLAB_NFAM];
 static atomic_long_t nqlab_stale[NQLAB_NFAM];
 static atomic_long_t nqlab_loser[NQLAB_NFAM];
 static atomic_long_t nqlab_calls;
+static atomic_long_t nqlab_nat_confirmed[NQLAB_NFAM];
+static atomic_long_t nqlab_alter_confirmed[NQLAB_NFAM];
+static bool nqlab_nat_probed;
 static atomic_t nqlab_reported;
 static DEFINE_PER_CPU(struct nf_conn *, nqlab_last_loser);
 
@@ -123,10 +133,46 @@ static struct kprobe nqlab_deliver_probe = {
 	.pre_handler = nqlab_deliver_pre,
 };
 
+static void nqlab_confirmed_use(struct nf_conn *ct, atomic_long_t *count, const char *what)
+{
+	int fam;
+
+	if (!ct || !nf_ct_is_confirmed(ct))
+		return;
+	fam = nqlab_family(ct);
+	atomic_long_inc(&count[fam]);
+	if (atomic_inc_return(&nqlab_reported) <= NQLAB_REPORTS)
+		pr_err("nqlab_detect: %s() on a confirmed ipv%d entry (already hashed)\n",
+		       what, fam == NQLAB_V6 ? 6 : 4);
+}
+
+static int nqlab_nat_pre(struct kprobe *p, struct pt_regs *regs)
+{
+	nqlab_confirmed_use((struct nf_conn *)regs->di, nqlab_nat_confirmed, "nf_nat_setup_info");
+	return 0;
+}
+
+static int nqlab_alter_pre(struct kprobe *p, struct pt_regs *regs)
+{
+	nqlab_confirmed_use((struct nf_conn *)regs->di, nqlab_alter_confirmed,
+			    "nf_conntrack_alter_reply");
+	return 0;
+}
+
+static struct kprobe nqlab_nat_probe = {
+	.symbol_name = "nf_nat_setup_info",
+	.pre_handler = nqlab_nat_pre,
+};
+
+static struct kprobe nqlab_alter_probe = {
+	.symbol_name = "nf_conntrack_alter_reply",
+	.pre_handler = nqlab_alter_pre,
+};
+
 static int nqlab_counts_get(char *buf, const struct kernel_param *kp)
 {
 	return scnprintf(buf, PAGE_SIZE,
-			 "{\"clashes\":[%ld,%ld],\"stale\":[%ld,%ld],\"loser\":[%ld,%ld],\"calls\":%ld,\"missed\":%lu}\n",
+			 "{\"clashes\":[%ld,%ld],\"stale\":[%ld,%ld],\"loser\":[%ld,%ld],\"calls\":%ld,\"missed\":%lu,\"nat_probe\":%s,\"nat_confirmed\":[%ld,%ld],\"alter_confirmed\":[%ld,%ld]}\n",
 			 atomic_long_read(&nqlab_clashes[NQLAB_V4]),
 			 atomic_long_read(&nqlab_clashes[NQLAB_V6]),
 			 atomic_long_read(&nqlab_stale[NQLAB_V4]),
@@ -134,7 +180,12 @@ static int nqlab_counts_get(char *buf, const struct kernel_param *kp)
 			 atomic_long_read(&nqlab_loser[NQLAB_V4]),
 			 atomic_long_read(&nqlab_loser[NQLAB_V6]),
 			 atomic_long_read(&nqlab_calls),
-			 (unsigned long)nqlab_confirm_probe.nmissed + nqlab_deliver_probe.nmissed);
+			 (unsigned long)nqlab_confirm_probe.nmissed + nqlab_deliver_probe.nmissed,
+			 nqlab_nat_probed ? "true" : "false",
+			 atomic_long_read(&nqlab_nat_confirmed[NQLAB_V4]),
+			 atomic_long_read(&nqlab_nat_confirmed[NQLAB_V6]),
+			 atomic_long_read(&nqlab_alter_confirmed[NQLAB_V4]),
+			 atomic_long_read(&nqlab_alter_confirmed[NQLAB_V6]));
 }
 
 static int nqlab_counts_set(const char *val, const struct kernel_param *kp)
@@ -165,13 +216,26 @@ static int __init nqlab_detect_init(void)
 		unregister_kretprobe(&nqlab_confirm_probe);
 		return ret;
 	}
-	pr_info("nqlab_detect: probing __nf_conntrack_confirm and nf_ct_deliver_cached_events\n");
+	ret = register_kprobe(&nqlab_alter_probe);
+	if (ret) {
+		pr_err("nqlab_detect: kprobe on nf_conntrack_alter_reply failed: %d\n", ret);
+		unregister_kprobe(&nqlab_deliver_probe);
+		unregister_kretprobe(&nqlab_confirm_probe);
+		return ret;
+	}
+	/* nf_nat is loaded only where NAT is in use: probed when it is there */
+	nqlab_nat_probed = register_kprobe(&nqlab_nat_probe) == 0;
+	pr_info("nqlab_detect: probing __nf_conntrack_confirm, nf_ct_deliver_cached_events, nf_conntrack_alter_reply%s\n",
+		nqlab_nat_probed ? ", nf_nat_setup_info" : "");
 	return 0;
 }
 
 static void __exit nqlab_detect_exit(void)
 {
-	/* both wait for running handlers (synchronize_sched / RCU) before returning */
+	/* each waits for running handlers (synchronize_sched / RCU) before returning */
+	if (nqlab_nat_probed)
+		unregister_kprobe(&nqlab_nat_probe);
+	unregister_kprobe(&nqlab_alter_probe);
 	unregister_kprobe(&nqlab_deliver_probe);
 	unregister_kretprobe(&nqlab_confirm_probe);
 }

@@ -1,7 +1,8 @@
 """The whole node scenario in one command: generate every strategy, build it, run ``nqgen lab --scenario node``.
 
 ``python -m nqgen.lab.scenarios.node --target debian`` uses the installed Debian kernel (``make node``);
-``--target repro`` the vulnerable reference kernel (``make node-repro``; built first when missing). The
+``--target repro`` the vulnerable reference kernel (``make node-repro``; built first when missing);
+``--target rhel77`` the RHEL 7.7 kernel of ``nqgen kernel build rhel77`` (3.10: never built here, too long). The
 strategies are generated with ``--nat yes --allow-nat-breakage``: the node's ruleset has NAT in the path and
 the point is to measure what each strategy does to it.
 """
@@ -18,17 +19,25 @@ from .... import reprokernel
 from ....errors import BuildError, InputError, NqgenError
 
 
-def _targets(target: str, release: str | None, jobs: int) -> tuple[Path, Path, Path, Path]:
-    """(kernel image, modules dir, kdir, nf_conntrack.ko) of the target."""
+def _targets(target: str, release: str | None, jobs: int) -> tuple[Path, Path, Path, list[Path]]:
+    """(kernel image, modules dir, kdir, conntrack modules) of the target."""
     if target == "repro":
         rk = reprokernel.ensure_built(jobs=jobs)
-        return rk.image, rk.modules_dir, rk.kdir, rk.modules_dir / "kernel/net/netfilter/nf_conntrack.ko"
+        return rk.image, rk.modules_dir, rk.kdir, [rk.modules_dir / "kernel/net/netfilter/nf_conntrack.ko"]
+    if target == "rhel77":
+        from .... import kernels
+        from ....probe import find_conntrack_modules
+
+        k = kernels.find_built("rhel77")
+        if k is None:
+            raise InputError("the rhel77 kernel is not built: nqgen kernel build rhel77 --source DIR")
+        return k.image, k.modules_dir, k.kdir, find_conntrack_modules(k.modules_dir)
     if not release:
         raise InputError("--target debian needs --release (make node passes scripts/debian-kernel's answer)")
     mods = Path("/lib/modules") / release
     if not (mods / "build" / "Makefile").is_file():
         raise InputError(f"{mods}/build is not a kernel build tree (apt-get install linux-headers-{release})")
-    return Path(f"/boot/vmlinuz-{release}"), mods, mods / "build", mods / "kernel/net/netfilter/nf_conntrack.ko"
+    return Path(f"/boot/vmlinuz-{release}"), mods, mods / "build", [mods / "kernel/net/netfilter/nf_conntrack.ko"]
 
 
 def run_full(out: Path, target: str, release: str | None, lookups: int, jobs: int, strategies: tuple[str, ...],
@@ -36,7 +45,7 @@ def run_full(out: Path, target: str, release: str | None, lookups: int, jobs: in
     image, mods, kdir, ct = _targets(target, release, jobs)
     nqgen = [sys.executable, "-m", "nqgen"]
     gen = subprocess.run([*nqgen, "--strategy", "all", "--nat", "yes", "--allow-nat-breakage", "--kdir", str(kdir),
-                          "--module", str(ct), "--out", str(out)], check=False)
+                          *(a for ko in ct for a in ("--module", str(ko))), "--out", str(out)], check=False)
     if gen.returncode != 0:
         raise BuildError(f"generation for {kdir} failed (exit {gen.returncode})")
     make = subprocess.run(["make", "-C", str(out), f"-j{jobs}", "NQGEN=" + " ".join(nqgen)], check=False)
@@ -44,14 +53,14 @@ def run_full(out: Path, target: str, release: str | None, lookups: int, jobs: in
         raise BuildError(f"make -C {out} failed")
     cmd = [*nqgen, "lab", "--scenario", "node", "--out", str(out), "--kernel", str(image), "--modules-dir",
            str(mods), "--kdir", str(kdir), "--lookups", str(lookups), "--repeat", str(repeat),
-           "--timeout", "900" if target == "repro" else "400"]
+           "--timeout", "400" if target == "debian" else "900"]
     for s in strategies:
         cmd += ["--strategy", s]
     return subprocess.run(cmd, check=False).returncode
 
 
 @click.command()
-@click.option("--target", type=click.Choice(["debian", "repro"]), default="debian", show_default=True)
+@click.option("--target", type=click.Choice(["debian", "repro", "rhel77"]), default="debian", show_default=True)
 @click.option("--release", help="The Debian kernel release (--target debian).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out-node"), show_default=True)
 @click.option("--lookups", type=click.IntRange(1, 400), default=200, show_default=True)
@@ -60,7 +69,7 @@ def run_full(out: Path, target: str, release: str | None, lookups: int, jobs: in
 @click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True)
 def main(target: str, release: str | None, out: Path, lookups: int, jobs: int, strategies: tuple[str, ...],
          repeat: int) -> None:
-    """Generate, build and run the node scenario on the Debian or the reference kernel."""
+    """Generate, build and run the node scenario on the Debian, the reference or the RHEL 7.7 kernel."""
     try:
         rc = run_full(out, target, release, lookups, jobs, strategies, repeat)
     except NqgenError as exc:

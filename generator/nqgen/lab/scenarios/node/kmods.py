@@ -25,6 +25,10 @@ NODE_ROOTS = (
     "ip6_tables", "ip6table_filter", "ip6table_nat", "ip6table_raw",
     "xt_tcpudp", "ipt_MASQUERADE", "ip6t_MASQUERADE", "xt_NFQUEUE", "xt_CT", "nf_conntrack_tftp", "nf_nat_tftp",
 )
+# 3.10 and 4.18 keep each family's conntrack in a module of its own, which nf_nat_ipv4/ipv6 need loaded (they ask for
+# it through request_module, not modules.dep: without it their init fails with EPROTOTYPE): loaded right after
+# nf_conntrack where the tree has them
+NODE_ROOTS_IF_PRESENT = ("nf_conntrack_ipv4", "nf_conntrack_ipv6")
 # the module that provides an aliased root when the kernel must build it from source
 ALIAS_MODULE = {"ipt_MASQUERADE": "xt_MASQUERADE", "ip6t_MASQUERADE": "xt_MASQUERADE"}
 # Where each root lives in the kernel source (single-file modules), for kernels that did not build it.
@@ -114,6 +118,8 @@ def tree_roots(tree: ModuleTree, extras: NodeModules) -> list[str]:
         module = _provider(tree, root)
         if module is not None and module not in roots:
             roots.append(module)
+        if root == "nf_conntrack":
+            roots += [m for m in NODE_ROOTS_IF_PRESENT if m in tree.paths]
     for ko in extras.extras.values():
         roots += [d for d in modinfo_depends(ko) if d not in extras.extras]
     return roots

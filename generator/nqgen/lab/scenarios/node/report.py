@@ -76,19 +76,38 @@ def _clashes(run: Run) -> str:
     return str(ct.get("clashres", "-"))
 
 
+def _detector_cell(run: Run) -> str:
+    """nqlab_detect over the boot: stale uses, clashes during the workload, NAT set up on confirmed entries."""
+    if run.get("nat_on_confirmed") is None:
+        return "-"
+    stale = run.get("stale_uses")
+    clashes = run.get("detector_clashes")
+    return (f"{'-' if stale is None else stale} / {'-' if clashes is None else clashes} / "
+            f"{nat_on_confirmed_total(run)}")
+
+
 def _unload(run: Run) -> str:
     if run.get("kind") == "baseline":
         return "-"
     return {True: "clean", False: "FAILED", None: "-"}[run.get("unloaded")]
 
 
+def nat_on_confirmed_total(run: Run) -> int:
+    """nf_nat_setup_info() plus nf_conntrack_alter_reply() calls on confirmed entries (nqlab_detect), both families."""
+    rec = run.get("nat_on_confirmed") or {}
+    return sum(int(v) for fam in rec.values() if isinstance(fam, dict) for v in fam.values() if isinstance(v, int))
+
+
 def problems(run: Run) -> list[str]:
     """Why this run makes the node lab fail (a NAT-breaking strategy may lose lookups: that is its finding)."""
     out = list(run.get("problems") or [])
     if run.get("kind") == "baseline":
-        out = [p for p in out if "fault" not in p.lower() and "kasan" not in p.lower()]
-        if run.get("kasan_reports"):
+        out = [p for p in out if "fault" not in p.lower() and "kasan" not in p.lower() and "stale use" not in p]
+        if run.get("kasan_reports") or run.get("stale_uses"):
             return out  # the vulnerable kernel's baseline: the report is the proof, not a lab failure
+    hashed = nat_on_confirmed_total(run)
+    if hashed:
+        out.append(f"NAT set up on {hashed} confirmed (hashed) entries (nf_nat_setup_info/nf_conntrack_alter_reply)")
     breaks_nat = run.get("strategy") in NAT_BREAKING
     for fam in FAMILIES:
         ok, planned = answered(run, fam.name)
@@ -102,7 +121,8 @@ def problems(run: Run) -> list[str]:
     return out
 
 
-HEADER = ["configuration", "NFQUEUE consumer", "KASAN reports", "clash resolutions", "lookups answered IPv4",
+HEADER = ["configuration", "NFQUEUE consumer", "KASAN reports",
+          "detector: stale uses / clashes / NAT on hashed entries", "clash resolutions", "lookups answered IPv4",
           "lookups answered IPv6", "latency p50/max, lookups ≥5 s",
           "MASQUERADE during the workload (conntrack -E, dnsmasq)",
           "TFTP via helper", "corrected confirms", "unload"]
@@ -113,7 +133,8 @@ def rows(lab: dict[str, Any]) -> list[list[str]]:
     for r in lab["runs"]:
         name = r["name"] + (f" #{r['repeat']}" if lab.get("repeat", 1) > 1 else "")
         calls = r.get("corrected_calls")
-        out.append([name, _consumer(r), str(r.get("kasan_reports", 0)), _clashes(r), _answered_cell(r, "ipv4"),
+        out.append([name, _consumer(r), str(r.get("kasan_reports", 0)), _detector_cell(r), _clashes(r),
+                    _answered_cell(r, "ipv4"),
                     _answered_cell(r, "ipv6"), _latency_cell(r), _nat_cell(r), _tftp_cell(r),
                     "-" if calls is None else str(calls), _unload(r)])
     return out
@@ -162,7 +183,7 @@ def node_markdown(lab: dict[str, Any]) -> str:
 
 
 def terminal_table(lab: dict[str, Any]) -> str:
-    keep = [0, 1, 2, 3, 4, 5, 8, 10]
+    keep = [0, 1, 2, 3, 4, 5, 6, 9, 11]
     data = [[HEADER[i] for i in keep]] + [[row[i] for i in keep] for row in rows(lab)]
     widths = [max(len(r[i]) for r in data) for i in range(len(keep))]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in data)

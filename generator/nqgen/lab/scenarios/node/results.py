@@ -78,6 +78,22 @@ class NodeRun:
         runs = self.phase(phase, family)
         return sum(x.ok for x in runs), sum(x.planned for x in runs)
 
+    def nat_on_confirmed(self) -> dict[str, dict[str, int]] | None:
+        """Per family, over the whole boot: nf_nat_setup_info() and nf_conntrack_alter_reply() calls on an entry
+        already confirmed (nqlab_detect), None without the detector. On 3.10 such a call rewrites the reply tuple
+        of a hashed entry; on 4.x+ nf_nat_setup_info() returns early (no NAT)."""
+        last = next((c for p in ("end", "workload", "before") if (c := self.base.detector.get(p)) is not None), None)
+        if last is None:
+            return None
+        out: dict[str, dict[str, int]] = {}
+        for i, fam in enumerate(("ipv4", "ipv6")):
+            row = {}
+            for key, name in (("nat_confirmed", "nat_setup"), ("alter_confirmed", "alter_reply")):
+                vals = last.get(key)
+                row[name] = int(vals[i]) if isinstance(vals, list) and len(vals) > i and isinstance(vals[i], int) else 0
+            out[fam] = row
+        return out
+
     @property
     def kasan(self) -> int:
         return sum(1 for f in self.base.run_faults if f.kind == "KASAN")
@@ -99,6 +115,7 @@ class NodeRun:
         d["nat_all"] = {k: vars(v) for k, v in self.nat_all.items()}
         d["setup_errors"] = self.setup_errors
         d["kasan_reports"] = self.kasan
+        d["nat_on_confirmed"] = self.nat_on_confirmed()
         d["ruleset"] = self.ruleset
         return d
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ....errors import BuildError, InputError
+from ... import build, guestapi
 from ...build import _first_error, guest_source
 from ...guest import GuestModule, GuestPlan, Workload
 from ...initramfs import Cpio
@@ -19,6 +20,7 @@ from ...manifest import Manifest
 from ...modtree import ModuleFile, ModuleTree, modinfo_depends, modinfo_softdeps, read_module
 from ...results import RunResult, find_faults
 from ...runner import (
+    DETECTOR_GUEST_PATH,
     DEVICE_NODES,
     boot_initramfs,
     busybox_applets,
@@ -53,6 +55,7 @@ class NodeConfig:
     busybox: Path = Path("/bin/busybox")
     logs_dir: Path | None = None
     append: str = ""
+    detector: bool = True  # load the stale-use detector (nqlab_detect) where the kernel allows it
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,12 @@ class NodeGuest:
         self.extras = kmods.build_extras(self.tree, config.kdir, work / "extras")
         for name, ko in self.extras.extras.items():
             check_vermagic(ko, self.release, f"{name}.ko (built from {config.kdir})")
+        # stale uses where KASAN is absent (3.10) and NAT set up on confirmed entries (nqlab_detect)
+        self.api = guestapi.decide(config.kdir)
+        self.detector: Path | None = None
+        if self.api.detector and config.detector:
+            self.detector = build.build_detector(config.kdir, work / "detector", self.api)
+            check_vermagic(self.detector, self.release, f"nqlab_detect.ko (built against {config.kdir})")
         self._bytes: dict[str, bytes] = {}
         self.hosts = hosts_file(config.workload.names).encode()
         self.blob = bytes((i * 7919 + (i >> 8)) & 0xFF for i in range(16 * 1024))
@@ -118,7 +127,7 @@ class NodeGuest:
     def closure(self, extra: list[Path]) -> list[ModuleFile]:
         roots = kmods.tree_roots(self.tree, self.extras)
         softdeps: list[str] = []
-        for ko in extra:
+        for ko in [*extra, *([self.detector] if self.detector is not None else [])]:
             roots += modinfo_depends(ko)
             softdeps += modinfo_softdeps(ko)
         return self.tree.closure(roots, softdeps)
@@ -156,6 +165,8 @@ class NodeGuest:
             c.copy(f"nqlab/extra/{name}.ko", ko)
         if mitigation is not None:
             c.copy(f"nqlab/{mitigation.module}.ko", mitigation.ko)
+        if self.detector is not None:
+            c.copy(DETECTOR_GUEST_PATH.lstrip("/"), self.detector)
         c.file("init", render_node_init(plan).encode(), 0o755)
         return c.bytes()
 
@@ -188,6 +199,8 @@ def run_node_one(guest: NodeGuest, spec: NodeSpec, work: Path) -> NodeRun:
         workload=w,
         mitigation=_mitigation_plan(m, gdeps) if m is not None else None,
         extra_queues=(m.queue_base, m.queue_count) if m is not None and m.queue_base is not None else None,
+        detector=(GuestModule(build.DETECTOR_MODULE, DETECTOR_GUEST_PATH, "detector", (), True)
+                  if guest.detector is not None else None),
     )
     tag = spec.name if spec.repeat == 1 else f"{spec.name}.{spec.repeat}"
     outcome = boot_initramfs(cfg, guest.initramfs(plan, deps, m), work / tag, f"node-{tag}")
@@ -254,6 +267,7 @@ def node_json(lab: NodeLab) -> dict[str, Any]:
         "machine": machine_info(),
         "kernel": kernel_json(c.kernel, c.modules_dir, c.kdir),
         "built_from_source": sorted(kmods.missing_roots(ModuleTree.load(c.modules_dir))),
+        "guest": {"detector_used": c.detector and guestapi.decide(c.kdir).detector},
         "vm": {"smp": c.smp, "memory": c.memory, "timeout": c.timeout},
         "repeat": c.repeat,
         "workload": vars(w),
