@@ -162,6 +162,8 @@ def run(
 @click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True, help="make -j for the kernel.")
 @click.option("--strategy", "strategies", multiple=True, help="Measure only these strategies (repeatable).")
 @click.option("--nfqueue-variants/--no-nfqueue-variants", default=True, show_default=True)
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Boot without mitigation too (--no-baselines: strategies only, e.g. to add boots to a run).")
 @click.option("--recipe", default=DEFAULT_RECIPE, show_default=True,
               help="Kernel to run on: debian61-repro (make repro-kernel) or a recipe of the kernel builder"
                    " (rhel77, rhel81, rhel81-kasan-free).")
@@ -173,12 +175,13 @@ def main(
     jobs: int,
     strategies: tuple[str, ...],
     nfqueue_variants: bool,
+    baselines: bool,
     recipe: str,
     lab_args: tuple[str, ...],
 ) -> None:
     """Build the kernel if needed and run the whole crash comparison on it."""
     try:
-        problems = run(out, repeat, rounds, jobs, strategies, nfqueue_variants, lab_args, recipe)
+        problems = run(out, repeat, rounds, jobs, strategies, nfqueue_variants, lab_args, recipe, baselines)
     except NqgenError as exc:
         click.echo(f"nqgen repro: error: {exc}", err=True)
         sys.exit(exc.exit_code)
