@@ -84,7 +84,7 @@ def test_rhel81_ftrace_resolves_every_clash_without_a_stale_use(tmp_path: Path) 
     target = _rhel_target("rhel81")
     out = tmp_path / "out"
     problems = run(out, repeat=1, rounds=500, jobs=2, strategies=("ftrace",), nfqueue_variants=False,
-                   recipe="rhel81", baselines=False)
+                   recipe="rhel81", baselines=False, lab_args=("--timeout", "900"))  # KASAN 4.18 boots are slow
     assert problems == []
     assert sorted(p.name for p in out.iterdir() if (p / "nqgen-module.json").is_file()) == ["ftrace"]
     lab = json.loads((out / "lab.json").read_text())
