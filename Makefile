@@ -81,9 +81,12 @@ repro: repro-kernel
 
 # The same comparison on RHEL 7.7, RHEL 8.1 and RHEL 8.1 with the extension freed at once (builds each kernel
 # from its source under $(NQGEN_CACHE)/src when not cached: see README, "CentOS 7 and 8 for real").
+# REPRO_RHEL_ARGS: e.g. "--repeat 1" (3 boots per configuration by default), "--strategy ftrace", "-- --timeout 900".
 RHEL_RECIPES ?= rhel77 rhel81 rhel81-kasan-free
+REPRO_RHEL_ARGS ?=
 repro-rhel: deps
-	for r in $(RHEL_RECIPES); do $(PY) -m nqgen.repro --recipe $$r --out $(OUT)-repro-$$r || exit 1; done
+	for r in $(RHEL_RECIPES); do \
+		nice -n 10 $(PY) -m nqgen.repro --recipe $$r --out $(OUT)-repro-$$r $(REPRO_RHEL_ARGS) || exit 1; done
 
 # The node scenario in full (real dnsmasq, iptables NAT + NFQUEUE, conntrack -E, glibc's resolver):
 # on the installed Debian kernel, and on the vulnerable reference kernel.

@@ -24,7 +24,7 @@ from nqgen.lab.build import DETECTOR_MODULE, HELPER_MODULE, build_detector, buil
 from nqgen.lab.guest import DETECTOR_COUNTS, GuestModule, GuestPlan, Workload, render_init
 from nqgen.lab.results import RunResult, apply_results
 from nqgen.probe import ProfileInputs, build_profile
-from nqgen.reprotable import judge, markdown, summarize
+from nqgen.reprotable import judge, markdown, merge, summarize
 
 HEADERS = Path(__file__).parent / "fixtures" / "headers"
 # (bare git dir, commit) of the RHEL snapshots named in the issue; only read, never copied into the repository
@@ -198,6 +198,31 @@ def test_comparison_counts_stale_uses_as_evidence_and_judges_the_replacing_strat
     assert judge(summarize(lab))[0].startswith("no baseline showed the bug")
     lab["runs"] = [_run_dict("baseline", None, 0, None, kasan=2)]
     assert judge(summarize(lab)) == []  # a KASAN report is evidence just as well
+
+
+def test_boots_of_later_runs_pool_with_earlier_ones_and_short_forms_need_no_baseline() -> None:
+    def lab(date: str, runs: list[dict[str, object]], release: str = "4.18.0-nqgen-rhel81") -> dict[str, object]:
+        return {"workload": {"flows": 1000, "rounds": 500, "threads": 2, "families": ["ipv4", "ipv6"],
+                             "queue_delay_us": 200},
+                "kernel": {"release": release, "kasan": True}, "vm": {"smp": 2, "memory": "1G"}, "repeat": 1,
+                "date": date, "machine": {}, "guest": {"detector": True}, "runs": runs}
+
+    first = lab("d1", [_run_dict("baseline", None, 40, None), _run_dict("ftrace", "ftrace", 0, 4000)])
+    second = lab("d2", [_run_dict("ftrace", "ftrace", 0, 4000), _run_dict("ftrace", "ftrace", 0, 4000)])
+    merged = merge([first, second])
+    summaries = summarize(merged)
+    assert [(s.name, s.boots) for s in summaries] == [("baseline", 1), ("ftrace", 3)]
+    assert judge(summaries) == []
+    text = markdown(summaries, merged, [], "RHEL 8.1")
+    assert "| ftrace | no | 3 | 0 |" in text and "d1; d2" in text
+    with pytest.raises(ValueError, match="different kernel"):
+        merge([first, lab("d3", [], release="3.10.0")])
+    # a short form without baselines: nothing asks a baseline for the bug, and the text does not claim one
+    short = summarize(second)
+    assert judge(short) == ["no baseline showed the bug (no kernel report, no stale use): the kernel may not be"
+                            " vulnerable"]
+    assert judge(short, need_baseline=False) == []
+    assert "No baseline was booted" in markdown(short, second, [], "RHEL 8.1")
 
 
 def test_rhel7_messages_name_each_object_and_the_global_hook_table(tmp_path: Path) -> None:

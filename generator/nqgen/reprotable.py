@@ -7,10 +7,17 @@ delivery to a conntrack entry whose refcount is 0), the two counted alike.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import click
+
+from .errors import InputError
 
 # The strategies that must stop the crash: the four that replace the confirm, and hold-ref (keeps the loser alive).
 REPLACING = ("ftrace", "hook-swap", "stop-hook", "livepatch", "hold-ref")
@@ -111,11 +118,14 @@ def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
     return list(out.values())
 
 
-def judge(summaries: list[ConfigSummary]) -> list[str]:
-    """What contradicts the expected result; empty when the comparison shows what it exists for."""
+def judge(summaries: list[ConfigSummary], need_baseline: bool = True) -> list[str]:
+    """What contradicts the expected result; empty when the comparison shows what it exists for.
+
+    ``need_baseline=False``: the run booted no baseline (a short form), so none is asked to show the bug.
+    """
     problems = []
     baselines = [s for s in summaries if s.strategy is None]
-    if not any(s.evidence for s in baselines):
+    if need_baseline and not any(s.evidence for s in baselines):
         problems.append("no baseline showed the bug (no kernel report, no stale use): the kernel may not be vulnerable")
     for s in summaries:
         if s.strategy not in REPLACING:
@@ -200,9 +210,45 @@ def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list
     if problems:
         lines.append("**Unexpected:** " + "; ".join(problems))
     else:
+        shown = "The baseline shows the bug; every" if any(s.strategy is None for s in summaries) else (
+            "No baseline was booted (a short form); every")
         lines.append(
-            "The baseline shows the bug; every strategy that replaces the confirm ("
+            f"{shown} strategy that replaces the confirm ("
             + ", ".join(s for s in REPLACING if any(x.strategy == s for x in summaries))
             + ") shows no stale use and no report over the same workload."
         )
     return "\n".join(lines) + "\n"
+
+
+def merge(labs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several lab.json of the same kernel and workload as one (their boots pooled per configuration), so boots
+    added by a later run count with the earlier ones; ValueError when kernel or workload differ."""
+    first = labs[0]
+    for other in labs[1:]:
+        for key in ("kernel", "workload"):
+            if other[key] != first[key]:
+                raise ValueError(f"cannot pool lab runs with different {key}: {first[key]} / {other[key]}")
+    merged = dict(first)
+    merged["runs"] = [run for lab in labs for run in lab["runs"]]
+    merged["date"] = "; ".join(str(lab["date"]) for lab in labs)
+    merged["repeat"] = "see the boots column" if len(labs) > 1 else first["repeat"]
+    return merged
+
+
+@click.command()
+@click.option("--title", default="Crash comparison", show_default=True)
+@click.argument("labs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def main(title: str, labs: tuple[Path, ...]) -> None:
+    """Print the comparison table of one or more lab.json (boots of the same kernel and workload pooled)."""
+    try:
+        lab = merge([json.loads(p.read_text()) for p in labs])
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        click.echo(f"nqgen reprotable: error: {exc}", err=True)
+        sys.exit(InputError.exit_code)
+    summaries = summarize(lab)
+    click.echo(markdown(summaries, lab, judge(summaries, need_baseline=any(s.strategy is None for s in summaries)),
+                        title), nl=False)
+
+
+if __name__ == "__main__":
+    main()
