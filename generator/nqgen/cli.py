@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ def _check_strategy(name: str) -> None:
 @click.option("--allow-nat-breakage", is_flag=True,
               help="Generate strategies that break NAT (advance-confirm*) even when NAT is in the path.")
 @click.option("--force", is_flag=True, help="Replace --out even when it is a link, a file or not nqgen's.")
+@click.option("--max-decompressed", type=click.IntRange(1), metavar="MIB",
+              help="Most MiB a compressed module/vmlinux may expand to (default: 32x its size, at least 256 MiB, "
+                   "at most 8 GiB; $NQGEN_MAX_DECOMPRESSED_MIB).")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -98,12 +102,17 @@ def cli(
     nat: str,
     allow_nat_breakage: bool,
     force: bool,
+    max_decompressed: int | None,
 ) -> None:
     """Generate kernel modules that mitigate the nf_conntrack confirm use-after-free (CVE-2022-49561).
 
     Run without a command to generate; `nqgen lab` runs the generated modules in a VM, `nqgen verify` checks
     built modules against the target.
     """
+    if max_decompressed is not None:
+        from .symsources import CAP_ENV
+
+        os.environ[CAP_ENV] = str(max_decompressed)
     if ctx.invoked_subcommand is not None:
         return
     from .generate import generate
