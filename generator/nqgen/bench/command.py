@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from nqgen import probe, reprokernel
-from nqgen.bench import labcost, report, symbols, whole
+from nqgen.bench import fleet, labcost, report, symbols, whole
 from nqgen.bench.symbols import Skipped, SymbolCase
 from nqgen.errors import NqgenError
 from nqgen.lab.cost import CostPlan
@@ -49,7 +49,8 @@ def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan) -> dict[str, o
     return {"results": [r.to_dict() for r in results]}
 
 
-def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None) -> dict[str, object]:
+def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None,
+        fleet_count: int = 100) -> dict[str, object]:
     cases: list[SymbolCase | Skipped] = []
     missing = symbols.tools_missing()
     release = debian_release()
@@ -98,6 +99,11 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
     click.echo("")
     click.echo(report.whole_table(whole_run))
     doc["whole"] = whole_run.to_json()
+    if fleet_count:
+        click.echo("")
+        fleet_run = fleet.run_fleet_bench(out / "fleet", release, fleet_count)
+        click.echo(fleet.fleet_table(fleet_run))
+        doc["fleet"] = fleet_run.to_json()
     if cost is not None:
         costs: dict[str, object]
         if module is None or kdir is None or not kdir.is_dir():
@@ -117,13 +123,16 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
 @click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True)
 @click.option("--no-whole", is_flag=True, help="Skip the whole-command comparison (it builds a module).")
 @click.option("--no-cost", is_flag=True, help="Skip the packet-path cost boots in the VM lab.")
+@click.option("--fleet-targets", type=click.IntRange(0, 1000), default=100, show_default=True,
+              help="Targets of the fleet run (0: skip it).")
 @click.option("--cost-pairs", type=click.IntRange(1, 10), default=3, show_default=True)
 @click.option("--cost-datagrams", type=click.IntRange(10, 3000), default=1000, show_default=True)
-def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, cost_pairs: int, cost_datagrams: int) -> None:
+def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, fleet_targets: int, cost_pairs: int,
+         cost_datagrams: int) -> None:
     """Benchmarks side by side with binutils and unpatched phases, as ratios (nothing here asserts a time)."""
     cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams)
     try:
-        run(out, rounds, with_whole=not no_whole, cost=cost)
+        run(out, rounds, with_whole=not no_whole, cost=cost, fleet_count=fleet_targets)
     except (OSError, RuntimeError, subprocess.CalledProcessError, NqgenError) as exc:
         click.echo(f"nqgen bench: {exc}", err=True)
         sys.exit(4)

@@ -43,6 +43,7 @@ class TargetResult:
     generated: tuple[str, ...]
     skipped: dict[str, str]
     seconds: float  # wall time of this target in its worker
+    cpu_seconds: float  # CPU time of its worker process for this target (what a loaded machine does not inflate)
     started: float  # seconds since the run started
     worker: int  # pid of the process that ran it
 
@@ -59,12 +60,14 @@ def generate_one(target: Target, options: FleetOptions, out: Path, t0: float) ->
     from nqgen.probe import build_profile
 
     start = time.monotonic()
+    cpu0 = time.process_time()
     release: str | None = None
 
     def result(status: str, code: int, message: str, generated: Sequence[str] = (),
                skipped: dict[str, str] | None = None) -> TargetResult:  # fmt: skip
         return TargetResult(target.name, status, code, message, release, tuple(generated), skipped or {},
-                            round(time.monotonic() - start, 4), round(start - t0, 4), os.getpid())  # fmt: skip
+                            round(time.monotonic() - start, 4), round(time.process_time() - cpu0, 4),
+                            round(start - t0, 4), os.getpid())  # fmt: skip
 
     if target.problem is not None:
         return result("failed", EXIT_INPUT, target.problem)
@@ -134,7 +137,7 @@ def run_fleet(targets: Sequence[Target], options: FleetOptions, stage: Path, job
                     res = fut.result()
                 except BrokenProcessPool as exc:
                     res = TargetResult(t.name, "failed", EXIT_BUILD, f"worker process died: {exc}", None, (), {},
-                                       0.0, round(time.monotonic() - t0, 4), 0)  # fmt: skip
+                                       0.0, 0.0, round(time.monotonic() - t0, 4), 0)  # fmt: skip
                 by_name[t.name] = res
                 progress(res)
     seconds = time.monotonic() - t0
@@ -148,11 +151,12 @@ def write_summary(stage: Path, run: FleetRun, spec: str) -> None:
 
 def table(run: FleetRun) -> str:
     width = max([len(r.name) for r in run.results] + [6])
-    head = f"{'target':<{width}}  {'status':<14} {'exit':>4} {'seconds':>7}  release / message"
+    head = f"{'target':<{width}}  {'status':<14} {'exit':>4} {'wall s':>7} {'cpu s':>6}  release / message"
     rows = [head, "-" * len(head)]
     for r in run.results:
         what = f"{r.release or '?'}: {r.message}" if r.status == "ok" else r.message
-        rows.append(f"{r.name:<{width}}  {r.status:<14} {r.exit_code:>4} {r.seconds:>7.2f}  {what}")
+        rows.append(f"{r.name:<{width}}  {r.status:<14} {r.exit_code:>4} {r.seconds:>7.2f} {r.cpu_seconds:>6.2f}  "
+                    f"{what}")
     ok = sum(r.status == "ok" for r in run.results)
     rows.append(f"{ok} of {len(run.results)} targets generated in {run.seconds:.1f} s with {run.jobs} worker(s) "
                 f"({run.kernels_per_second:.2f} kernels/s); exit {run.exit_code}")  # fmt: skip
