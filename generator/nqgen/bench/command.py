@@ -28,11 +28,14 @@ def debian_release() -> str | None:
     return None
 
 
-# the strategies that replace the confirm; advance-confirm* put UDP through NFQUEUE by design (no consumer here)
-COST_STRATEGIES = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+# every strategy; advance-confirm* queue UDP by design: with no consumer their default bypass lets it pass, so their
+# rows include the failed queue lookup
+COST_STRATEGIES = ("advance-confirm", "advance-confirm-corrected", "ftrace", "hook-swap", "stop-hook", "livepatch",
+                   "hold-ref")
 
 
-def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan) -> dict[str, object]:
+def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan,
+             strategies: tuple[str, ...] = COST_STRATEGIES) -> dict[str, object]:
     """Generate and build every strategy for the Debian kernel, then one cost boot per replacing strategy."""
     if shutil.which("qemu-system-x86_64") is None or not Path("/bin/busybox").is_file():
         return {"skipped": "needs qemu-system-x86_64 and busybox-static (make deps)"}
@@ -41,16 +44,21 @@ def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan) -> dict[str, o
                     str(module), "--out", str(gen)], check=True, capture_output=True)  # fmt: skip
     nqgen = Path(sys.executable).with_name("nqgen")
     subprocess.run(["make", "-s", "-C", str(gen), f"NQGEN={nqgen}"], check=True, capture_output=True)
-    results = labcost.run_costs(gen, COST_STRATEGIES, plan)
+    results = labcost.run_costs(gen, strategies, plan)
     click.echo("")
-    click.echo(f"Packet-path cost: one boot per strategy, {plan.pairs} pairs of phases without/with the module, "
-               f"{plan.datagrams} datagrams per phase, family and kind (no NFQUEUE)")  # fmt: skip
+    click.echo(f"Packet-path cost: one boot per strategy, {plan.pairs} pairs of phases without/with the module "
+               f"(ABBA), per phase and family {plan.datagrams} new flows and {plan.datagrams * plan.repeat} "
+               "established datagrams, timed by the guest's sender (noise: spread of the unpatched phases)")
     click.echo(labcost.cost_table(results))
-    return {"results": [r.to_dict() for r in results]}
+    click.echo("")
+    click.echo("The lab's own time (host seconds per boot; guest uptime marks):")
+    click.echo(labcost.lab_time_table(results))
+    return {"plan": {"pairs": plan.pairs, "datagrams": plan.datagrams, "repeat": plan.repeat},
+            "results": [r.to_dict() for r in results]}
 
 
 def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None,
-        fleet_count: int = 100) -> dict[str, object]:
+        fleet_count: int = 100, strategies: tuple[str, ...] = COST_STRATEGIES) -> dict[str, object]:
     cases: list[SymbolCase | Skipped] = []
     missing = symbols.tools_missing()
     release = debian_release()
@@ -109,7 +117,7 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
         if module is None or kdir is None or not kdir.is_dir():
             costs = {"skipped": "no Debian kernel headers and nf_conntrack.ko (make deps)"}
         else:
-            costs = lab_cost(out, kdir, module, cost)
+            costs = lab_cost(out, kdir, module, cost, strategies)
         if "skipped" in costs:
             click.echo(f"\npacket-path cost: skipped: {costs['skipped']}")
         doc["cost"] = costs
@@ -125,14 +133,18 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
 @click.option("--no-cost", is_flag=True, help="Skip the packet-path cost boots in the VM lab.")
 @click.option("--fleet-targets", type=click.IntRange(0, 1000), default=100, show_default=True,
               help="Targets of the fleet run (0: skip it).")
-@click.option("--cost-pairs", type=click.IntRange(1, 10), default=3, show_default=True)
-@click.option("--cost-datagrams", type=click.IntRange(10, 3000), default=1000, show_default=True)
+@click.option("--cost-pairs", type=click.IntRange(1, 40), default=8, show_default=True)
+@click.option("--cost-datagrams", type=click.IntRange(10, 4000), default=500, show_default=True)
+@click.option("--cost-repeat", type=click.IntRange(1, 50), default=4, show_default=True,
+              help="Established datagrams per flow and phase.")
+@click.option("--cost-strategies", default=",".join(COST_STRATEGIES), show_default=True)
 def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, fleet_targets: int, cost_pairs: int,
-         cost_datagrams: int) -> None:
+         cost_datagrams: int, cost_repeat: int, cost_strategies: str) -> None:
     """Benchmarks side by side with binutils and unpatched phases, as ratios (nothing here asserts a time)."""
-    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams)
+    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams, repeat=cost_repeat)
+    strategies = tuple(s for s in cost_strategies.split(",") if s)
     try:
-        run(out, rounds, with_whole=not no_whole, cost=cost, fleet_count=fleet_targets)
+        run(out, rounds, with_whole=not no_whole, cost=cost, fleet_count=fleet_targets, strategies=strategies)
     except (OSError, RuntimeError, subprocess.CalledProcessError, NqgenError) as exc:
         click.echo(f"nqgen bench: {exc}", err=True)
         sys.exit(4)
