@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from nqgen import probe, reprokernel
+from nqgen import compare, probe, reprokernel
 from nqgen.bench import fleet, labcost, report, symbols, whole
 from nqgen.bench.symbols import Skipped, SymbolCase
 from nqgen.errors import NqgenError
-from nqgen.lab.cost import CostPlan
+from nqgen.lab.cost import CostPlan, write_cost_json
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -45,6 +45,8 @@ def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan,
     nqgen = Path(sys.executable).with_name("nqgen")
     subprocess.run(["make", "-s", "-C", str(gen), f"NQGEN={nqgen}"], check=True, capture_output=True)
     results = labcost.run_costs(gen, strategies, plan)
+    write_cost_json(gen, results, str(report.machine()["date"]))
+    compare.refresh(gen)  # gen/COMPARISON.md gets the cost columns
     click.echo("")
     click.echo(f"Packet-path cost: one boot per strategy, {plan.pairs} pairs of phases without/with the module "
                f"(ABBA), per phase and family {plan.datagrams} new flows and {plan.datagrams * plan.repeat} "

@@ -217,3 +217,54 @@ def run_cost(config: LabConfig, manifest: Manifest, cp: CostPlan, work_dir: Path
             (config.logs_dir / f"cost-{manifest.strategy}.results.jsonl").write_text(outcome.results)
     return CostResult(manifest.strategy, config.kernel.release, cp, round(outcome.seconds, 2), outcome.guest_exit,
                       _records(outcome.results), find_faults(outcome.console))  # fmt: skip
+
+
+# --- COMPARISON.md: cost columns from a cost.json (``make bench`` writes one beside the out/ it measured) --------
+
+COST_JSON = "cost.json"
+
+
+def write_cost_json(out: Path, results: list[CostResult], date: str) -> Path:
+    """``out/cost.json``: the measured cost of the strategies of ``out`` (read by ``nqgen.compare``)."""
+    doc = {"date": date, "release": results[0].release if results else None,
+           "results": [r.to_dict() for r in results]}  # fmt: skip
+    path = out / COST_JSON
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def _pair(ratios: dict[str, Any], kind: str, key: str, fmt: str) -> str:
+    cells = []
+    for fam in ("4", "6"):
+        value = ratios.get(f"{kind}/ipv{fam}", {}).get(key)
+        cells.append("-" if value is None else format(value, fmt))
+    return " / ".join(cells)
+
+
+def cost_columns(doc: dict[str, Any], release: str) -> tuple[dict[str, dict[str, str]], str]:
+    """Per strategy the cost cells, and the note that says what they mean (or why there are none)."""
+    if doc.get("release") != release:
+        return {}, (f"Packet-path cost: the cost.json here was measured on {doc.get('release')}, not on {release}: "
+                    "not shown.")  # fmt: skip
+    cols: dict[str, dict[str, str]] = {}
+    noise: list[float] = []
+    pairs = None
+    for res in doc.get("results", []):
+        if not res.get("completed") or res.get("faults"):
+            cols[res["strategy"]] = {"throughput established (v4 / v6)": "boot failed"}
+            continue
+        ratios = res["ratios"]
+        pairs = res.get("pairs")
+        noise += [r["unpatched_spread"] for r in ratios.values() if r.get("unpatched_spread") is not None]
+        cols[res["strategy"]] = {
+            "throughput established (v4 / v6)": _pair(ratios, "established", "median", ".3f"),
+            "throughput new (v4 / v6)": _pair(ratios, "new", "median", ".3f"),
+            "extra ns/packet new (v4 / v6)": _pair(ratios, "new", "extra_ns_per_packet_median", ".0f"),
+        }
+    spread = f"{statistics.median(noise):.0%}" if noise else "unknown"
+    note = (f"Packet-path cost (measured by `make bench` on {release}, {doc.get('date')}, qemu TCG): throughput with "
+            f"the module / without, median of {pairs} alternating pairs of phases in one boot per strategy, timed "
+            "by the guest's sender; 1.000 = no cost, below 1 = slower. Goals: at least 0.97 established, 0.90 new. "
+            f"The unpatched phases alone spread by {spread} (median over families and kinds): differences smaller "
+            "than that are noise. '-': not measured.")  # fmt: skip
+    return cols, note
