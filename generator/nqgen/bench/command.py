@@ -60,7 +60,7 @@ def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan,
 
 
 def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None,
-        fleet_count: int = 100, strategies: tuple[str, ...] = COST_STRATEGIES) -> dict[str, object]:
+        fleet_count: int = 0, strategies: tuple[str, ...] = COST_STRATEGIES) -> dict[str, object]:
     cases: list[SymbolCase | Skipped] = []
     missing = symbols.tools_missing()
     release = debian_release()
