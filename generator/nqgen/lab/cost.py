@@ -4,9 +4,12 @@ Each phase runs ``nq_pktcost`` once: per family it binds ``datagrams`` UDP socke
 (untimed), then times with the guest's CLOCK_MONOTONIC, in the sender itself, one datagram from every socket (new
 flows: each creates and confirms a conntrack entry) and ``repeat`` more from every socket (established flows: the
 entries exist, the confirm returns early). The loopback receive runs in the sender's softirq, so both directions'
-hooks are in the time; receiving is outside it. ``pairs`` (without, with) phase pairs alternate their order (ABBA),
-the module is loaded and unloaded between phases (outside the timing), and the ratio is taken per pair, so a
-slow-down of the whole boot (a loaded TCG host) cancels out as far as it is steady. The spread of the unpatched
+hooks are in the time; receiving is outside it. The boot runs under ``qemu -icount shift=0,sleep=off``: the guest's
+clock advances one ns per executed instruction, so the timings count the guest's own work (instructions, on a
+machine with one instruction per ns) and a loaded host cannot inflate them; real time (``icount=None``) on a shared
+2-core host gave 1-2 ms per datagram with phases spreading 40-175%. ``pairs`` (without, with) phase pairs alternate
+their order (ABBA), the module is loaded and unloaded between phases (outside the timing), and the ratio is taken
+per pair. The spread of the unpatched
 phases among themselves is reported as the noise floor the ratios must be read against.
 """
 
@@ -48,6 +51,9 @@ class CostPlan:
     datagrams: int = 500  # sockets (new flows) per phase and family
     repeat: int = 4  # established: datagrams per socket after the first
     families: tuple[str, ...] = ("4", "6")
+    # qemu -icount shift (None: real time). With 0 the guest clock advances 1 ns per executed instruction and the
+    # sender's timings count the guest's own instructions: a loaded host slows the boot, not the measurement
+    icount: int | None = 0
 
     def sport(self, pair: int, state: int) -> int:
         """The first source port of one phase (pair, state 0/1): phases never share a flow."""
@@ -165,6 +171,7 @@ class CostResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "release": self.release, "pairs": self.plan.pairs,
+                "clock": "real time" if self.plan.icount is None else f"qemu -icount shift={self.plan.icount}",
                 "datagrams": self.plan.datagrams, "repeat": self.plan.repeat, "seconds": self.seconds,
                 "guest_exit": self.guest_exit, "completed": self.completed, "lost": self.lost(),
                 "stages_uptime_s": self.stages(), "ratios": self.ratios(),
@@ -210,7 +217,8 @@ def run_cost(config: LabConfig, manifest: Manifest, cp: CostPlan, work_dir: Path
         initrd = work / "initrd.cpio"
         initrd.write_bytes(guest.initramfs(plan, deps, manifest, init=init))
         outcome = boot(QemuConfig(kernel=config.kernel.boot_path, initrd=initrd, smp=max(config.smp, 2),
-                                  memory=config.memory, timeout=config.timeout, append=config.append), work)
+                                  memory=config.memory, timeout=config.timeout, append=config.append,
+                                  icount=cp.icount), work)
         if config.logs_dir is not None:
             config.logs_dir.mkdir(parents=True, exist_ok=True)
             (config.logs_dir / f"cost-{manifest.strategy}.console.log").write_text(outcome.console)
@@ -262,7 +270,9 @@ def cost_columns(doc: dict[str, Any], release: str) -> tuple[dict[str, dict[str,
             "extra ns/packet new (v4 / v6)": _pair(ratios, "new", "extra_ns_per_packet_median", ".0f"),
         }
     spread = f"{statistics.median(noise):.0%}" if noise else "unknown"
-    note = (f"Packet-path cost (measured by `make bench` on {release}, {doc.get('date')}, qemu TCG): throughput with "
+    clock = next((r.get("clock") for r in doc.get("results", []) if r.get("clock")), "real time")
+    note = (f"Packet-path cost (measured by `make bench` on {release}, {doc.get('date')}, qemu TCG, guest clock: "
+            f"{clock}): throughput with "
             f"the module / without, median of {pairs} alternating pairs of phases in one boot per strategy, timed "
             "by the guest's sender; 1.000 = no cost, below 1 = slower. Goals: at least 0.97 established, 0.90 new. "
             f"The unpatched phases alone spread by {spread} (median over families and kinds): differences smaller "
