@@ -140,10 +140,13 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
 @click.option("--cost-repeat", type=click.IntRange(1, 50), default=4, show_default=True,
               help="Established datagrams per flow and phase.")
 @click.option("--cost-strategies", default=",".join(COST_STRATEGIES), show_default=True)
+@click.option("--cost-icount", type=click.IntRange(0, 10), default=None,
+              help="Run the cost boots under qemu -icount shift=N (guest clock = instructions; slow under TCG).")
 def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, fleet_targets: int, cost_pairs: int,
-         cost_datagrams: int, cost_repeat: int, cost_strategies: str) -> None:
+         cost_datagrams: int, cost_repeat: int, cost_strategies: str, cost_icount: int | None) -> None:
     """Benchmarks side by side with binutils and unpatched phases, as ratios (nothing here asserts a time)."""
-    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams, repeat=cost_repeat)
+    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams, repeat=cost_repeat,
+                                         icount=cost_icount)
     strategies = tuple(s for s in cost_strategies.split(",") if s)
     try:
         run(out, rounds, with_whole=not no_whole, cost=cost, fleet_count=fleet_targets, strategies=strategies)

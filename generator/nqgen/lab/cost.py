@@ -4,10 +4,10 @@ Each phase runs ``nq_pktcost`` once: per family it binds ``datagrams`` UDP socke
 (untimed), then times with the guest's CLOCK_MONOTONIC, in the sender itself, one datagram from every socket (new
 flows: each creates and confirms a conntrack entry) and ``repeat`` more from every socket (established flows: the
 entries exist, the confirm returns early). The loopback receive runs in the sender's softirq, so both directions'
-hooks are in the time; receiving is outside it. The boot runs under ``qemu -icount shift=0,sleep=off``: the guest's
-clock advances one ns per executed instruction, so the timings count the guest's own work (instructions, on a
-machine with one instruction per ns) and a loaded host cannot inflate them; real time (``icount=None``) on a shared
-2-core host gave 1-2 ms per datagram with phases spreading 40-175%. ``pairs`` (without, with) phase pairs alternate
+hooks are in the time; receiving is outside it. With ``icount`` the boot runs under ``qemu -icount
+shift=N,sleep=off``: the guest's clock then counts executed instructions, so a loaded host cannot inflate the
+timings; in real time (the default, see CostPlan.icount) a shared 2-core host gave 1-2 ms per datagram with the
+unpatched phases spreading 40-175%. ``pairs`` (without, with) phase pairs alternate
 their order (ABBA), the module is loaded and unloaded between phases (outside the timing), and the ratio is taken
 per pair. The spread of the unpatched
 phases among themselves is reported as the noise floor the ratios must be read against.
@@ -52,8 +52,11 @@ class CostPlan:
     repeat: int = 4  # established: datagrams per socket after the first
     families: tuple[str, ...] = ("4", "6")
     # qemu -icount shift (None: real time). With 0 the guest clock advances 1 ns per executed instruction and the
-    # sender's timings count the guest's own instructions: a loaded host slows the boot, not the measurement
-    icount: int | None = 0
+    # sender's timings count the guest's own instructions: a loaded host slows the boot, not the measurement. Off by
+    # default: icount TCG ran about 2.7 M instructions per host second on this loaded 2-core host (0.16 s of guest
+    # boot in 60 s), far too slow for a boot per strategy here; `make bench BENCH_ARGS=--cost-icount 0` on a
+    # machine with time to spare
+    icount: int | None = None
 
     def sport(self, pair: int, state: int) -> int:
         """The first source port of one phase (pair, state 0/1): phases never share a flow."""
