@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DebianKernel
-from nqgen.bench import report, symbols, timing, whole
+from nqgen.bench import fleet, report, symbols, timing, whole
 from nqgen.bench.command import run
 
 
@@ -85,3 +85,18 @@ def test_bench_writes_tables_and_json(debian: DebianKernel, tmp_path: Path,
     assert all(c["cpu_ratio"]["low"] <= c["cpu_ratio"]["median"] <= c["cpu_ratio"]["high"] for c in measured)
     assert doc["whole"] == {"label": "whole", "skipped": "not asked for"}
     assert doc["machine"]["cores"] and report.SYMBOL_GOAL == 1.0
+
+
+def test_fleet_bench_short_form(debian: DebianKernel, tmp_path: Path) -> None:
+    """Two targets from the real trees and fixtures found here, with 1 and 2 workers: every one generated, and
+    the report says which kernels the targets repeat."""
+    bench = fleet.run_fleet_bench(tmp_path, debian.release, count=2, jobs_list=(1, 2))
+    assert isinstance(bench, fleet.FleetBench), bench
+    labels = [k.label for k in bench.kernels]
+    assert labels[0] == f"debian {debian.release}" and any(k.kind == "fixture" for k in bench.kernels), labels
+    for jobs in (1, 2):
+        run_doc = bench.runs[jobs]
+        assert (run_doc["targets"], run_doc["ok"], run_doc["exit_code"]) == (2, 2, 0), run_doc
+    doc = bench.to_json()
+    assert set(doc["kernels_per_second"]) == {"1", "2"} and doc["first_target_s"] > 0
+    assert "repeated under new names" in fleet.fleet_table(bench)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,14 @@ def _check_strategy(name: str) -> None:
 @click.option("--allow-nat-breakage", is_flag=True,
               help="Generate strategies that break NAT (advance-confirm*) even when NAT is in the path.")
 @click.option("--force", is_flag=True, help="Replace --out even when it is a link, a file or not nqgen's.")
+@click.option("--max-decompressed", type=click.IntRange(1), metavar="MIB",
+              help="Most MiB a compressed module/vmlinux may expand to (default: 32x its size, at least 256 MiB, "
+                   "at most 8 GiB; $NQGEN_MAX_DECOMPRESSED_MIB).")
+@click.option("--targets", type=_PATH, metavar="DIR|LIST",
+              help="Fleet mode: generate for every kernel in DIR (one input directory per kernel) or in a list file "
+                   "(NAME --kdir PATH --module PATH ... per line); one subdirectory of --out per kernel.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None,
+              help="Fleet mode: worker processes (default: the CPUs this process may use).")
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -98,18 +107,40 @@ def cli(
     nat: str,
     allow_nat_breakage: bool,
     force: bool,
+    max_decompressed: int | None,
+    targets: Path | None,
+    jobs: int | None,
 ) -> None:
     """Generate kernel modules that mitigate the nf_conntrack confirm use-after-free (CVE-2022-49561).
 
     Run without a command to generate; `nqgen lab` runs the generated modules in a VM, `nqgen verify` checks
     built modules against the target.
     """
+    if max_decompressed is not None:
+        from .symsources import CAP_ENV
+
+        os.environ[CAP_ENV] = str(max_decompressed)
     if ctx.invoked_subcommand is not None:
         return
     from .generate import generate
     from .probe import ProfileInputs, build_profile, default_inputs
 
     _check_strategy(strategy)
+    if targets is not None:
+        given = [opt for opt, value in (("--kdir", kdir), ("--module", modules), ("--vmlinux", vmlinux),
+                                        ("--system-map", system_map), ("--kallsyms", kallsyms), ("--config", config),
+                                        ("--symvers", symvers), ("--from-package", packages),
+                                        ("--profile-only", profile_only)) if value]  # fmt: skip
+        if given:
+            raise UsageError(f"--targets names every kernel's inputs itself: drop {', '.join(given)}")
+        from .fleet import command as fleet_command
+        from .fleet.run import FleetOptions
+
+        done = fleet_command.run(targets, FleetOptions(strategy, nat, allow_nat_breakage), out,
+                                 jobs or fleet_command.default_jobs(), force, click.echo)  # fmt: skip
+        ctx.exit(done.exit_code)
+    if jobs is not None:
+        raise UsageError("--jobs applies to --targets only")
     _check_exists("--kdir", kdir, want_dir=True)
     for opt, path in (
         ("--vmlinux", vmlinux),

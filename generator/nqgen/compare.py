@@ -19,6 +19,7 @@ COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "COMPARISON.md"
 LAB_JSON = "lab.json"
 NODE_LAB_JSON = "node-lab.json"  # the lab's node scenario (nqgen.lab.scenarios.node)
+COST_JSON = "cost.json"  # the packet-path cost (nqgen.lab.cost, written by `make bench`)
 
 
 def static_rows(profile: KernelProfile, results: dict[str, Feasibility]) -> list[dict[str, Any]]:
@@ -65,7 +66,8 @@ def _covers(row: dict[str, Any]) -> str:
     return ", ".join(covers) if covers else "none (narrows the window only)"
 
 
-def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None, node: dict[str, Any] | None = None) -> str:
+def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None, node: dict[str, Any] | None = None,
+                    cost: dict[str, Any] | None = None) -> str:
     lines = [f"# nqgen comparison for {data['kernel']}", ""]
     if data["fix_present"]:
         lines += [
@@ -76,6 +78,13 @@ def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None, node: dict
     lines.append(f"Confirm generation: {data['generation']}.")
     lines.append("")
     measured = report.measured_columns(lab) if lab is not None else {}
+    cost_note = ("Packet-path cost: not measured for this output (`make bench` measures it in the VM lab and writes "
+                 "the columns into its own generated copy).")  # fmt: skip
+    if cost is not None:
+        from .lab.cost import cost_columns
+
+        per_strategy, cost_note = cost_columns(cost, data["kernel"])
+        measured = {n: {**measured.get(n, {}), **per_strategy.get(n, {})} for n in {*measured, *per_strategy}}
     mcols: list[str] = []
     for cols in measured.values():
         for c in cols:
@@ -89,6 +98,8 @@ def render_markdown(data: dict[str, Any], lab: dict[str, Any] | None, node: dict
         cells = [row["strategy"], feas, _covers(row), row["touches"], row["undo"]]
         cells += [measured.get(row["strategy"], {}).get(c, "-") for c in mcols]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append("")
+    lines.append(cost_note)
     lines.append("")
     for row in data["strategies"]:
         lines.append(f"## {row['strategy']}")
@@ -121,4 +132,6 @@ def refresh(out: Path) -> None:
         (out / COMPARISON_JSON).write_text(json.dumps(data, indent=2) + "\n")
     node_path = out / NODE_LAB_JSON
     node = json.loads(node_path.read_text()) if node_path.is_file() else None
-    (out / COMPARISON_MD).write_text(render_markdown(data, lab, node))
+    cost_path = out / COST_JSON
+    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
+    (out / COMPARISON_MD).write_text(render_markdown(data, lab, node, cost))

@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import mmap
 import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal, cast
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from nqgen.errors import ElfFormatError, SymbolError
 from nqgen.profile import NFPROTO_NAMES, HookEntry, Symbol
-from nqgen.symsources import read_capped
+from nqgen.symsources import read_elf_input
 
 ImageKind = Literal["module", "vmlinux"]
+# a plain file is mapped (slicing it yields bytes), a decompressed one is held
+ElfData = bytes | mmap.mmap
 
 EM_X86_64 = 62
 SHT_NOBITS = 8
@@ -88,7 +91,7 @@ class ElfImage:
     modinfo: dict[str, tuple[str, ...]]  # key -> every value, in file order (alias repeats)
     build_id: str | None
     traceable_sites: frozenset[tuple[str, int]]  # (section, offset/address) of every fentry/patchable site
-    _data: bytes = field(repr=False, compare=False, default=b"")
+    _data: ElfData = field(repr=False, compare=False, default=b"")
     _sections: tuple[Section, ...] = field(repr=False, compare=False, default=())
 
     def info(self, key: str) -> str | None:
@@ -145,11 +148,11 @@ def load_vmlinux(path: Path) -> ElfImage:
 
 def load_elf(path: Path, *, expect: ImageKind | None = None) -> ElfImage:
     """Read ``path`` (decompressing it when needed); ``expect`` checks relocatable vs linked."""
-    data, compression = read_capped(path)
+    data, compression = read_elf_input(path)
     return parse_elf(data, str(path), compression=compression, expect=expect)
 
 
-def parse_elf(data: bytes, path: str, *, compression: str | None = None, expect: ImageKind | None = None) -> ElfImage:
+def parse_elf(data: ElfData, path: str, *, compression: str | None = None, expect: ImageKind | None = None) -> ElfImage:
     """Parse an in-memory ELF; ``path`` only names the file in messages."""
     _check_ident(data, path)
     try:
@@ -173,8 +176,9 @@ _PARSER_ERRORS = (
 )
 
 
-def _parse(data: bytes, path: str, compression: str | None, expect: ImageKind | None) -> ElfImage:
-    elf = ELFFile(io.BytesIO(data))
+def _parse(data: ElfData, path: str, compression: str | None, expect: ImageKind | None) -> ElfImage:
+    # a mapping reads like a file (seek/read/tell); BytesIO of it would copy the whole image
+    elf = ELFFile(cast(IO[bytes], data) if isinstance(data, mmap.mmap) else io.BytesIO(data))
     kind: ImageKind = "module" if elf.header["e_type"] == "ET_REL" else "vmlinux"
     if expect is not None and kind != expect:
         want = "a relocatable module (ET_REL)" if expect == "module" else "a linked image"
@@ -202,7 +206,7 @@ def _parse(data: bytes, path: str, compression: str | None, expect: ImageKind | 
     )
 
 
-def _check_ident(data: bytes, path: str) -> None:
+def _check_ident(data: ElfData, path: str) -> None:
     if len(data) < 4 or data[:4] != b"\x7fELF":
         raise ElfFormatError(f"{path}: not an ELF file")
     if len(data) < 64:
@@ -222,7 +226,7 @@ def _check_ident(data: bytes, path: str) -> None:
         raise ElfFormatError(f"{path}: truncated ELF: section headers end past the file's {len(data)} bytes")
 
 
-def _read_sections(elf: ELFFile, data: bytes, path: str) -> tuple[Section, ...]:
+def _read_sections(elf: ELFFile, data: ElfData, path: str) -> tuple[Section, ...]:
     out = []
     for index in range(elf.num_sections()):
         sec = elf.get_section(index)
@@ -264,7 +268,7 @@ def _symtab(sections: tuple[Section, ...]) -> Section | None:
     return tabs[0] if tabs else None
 
 
-def _read_symbols(sections: tuple[Section, ...], data: bytes, path: str, *, required: bool) -> tuple[Symbol, ...]:
+def _read_symbols(sections: tuple[Section, ...], data: ElfData, path: str, *, required: bool) -> tuple[Symbol, ...]:
     """Every .symtab entry; a stripped vmlinux has none (its exports still come from __ksymtab)."""
     tab = _symtab(sections)
     if tab is None:

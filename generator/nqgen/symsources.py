@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import lzma
+import mmap
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +20,14 @@ from pathlib import Path
 from nqgen.errors import InputError
 from nqgen.profile import ConfigFlags, Symbol
 
+# Decompressed ELF inputs: a compressed file may expand to max(MAX_DECOMPRESSED, MAX_EXPANSION x its own size), never
+# beyond MAX_INPUT. Real kernel inputs compress 2-8x (a debug vmlinux: ~1 GiB that xz packs to ~200 MiB, Debian's
+# .ko.xz ~3x), a decompression bomb 1000x and more, so the ratio is what tells them apart; a fixed 256 MiB refused
+# every debug vmlinux. NQGEN_MAX_DECOMPRESSED_MIB (or `nqgen --max-decompressed`) replaces the computed cap.
 MAX_DECOMPRESSED = 256 * 1024 * 1024
+MAX_EXPANSION = 32
+MAX_INPUT = 8 * 1024 * 1024 * 1024
+CAP_ENV = "NQGEN_MAX_DECOMPRESSED_MIB"
 # Text inputs (System.map ~6 MiB, kallsyms ~12 MiB, Module.symvers ~2 MiB, .config ~250 KiB on a distribution
 # kernel): a larger one would become millions of Python objects, so it is refused before parsing.
 MAX_TEXT = 64 * 1024 * 1024
@@ -27,27 +36,77 @@ _SUFFIXES = {".xz": "xz", ".zst": "zst", ".gz": "gz"}
 _CHUNK = 1 << 20
 
 
+def decompression_cap(compressed_size: int) -> int:
+    """The most bytes a compressed ELF input of ``compressed_size`` bytes may expand to (see MAX_EXPANSION)."""
+    explicit = os.environ.get(CAP_ENV)
+    if explicit:
+        try:
+            mib = int(explicit)
+        except ValueError:
+            raise InputError(f"{CAP_ENV}={explicit!r}: not a whole number of MiB") from None
+        if mib < 1:
+            raise InputError(f"{CAP_ENV}={explicit!r}: must be at least 1 MiB")
+        return mib << 20
+    return min(MAX_INPUT, max(MAX_DECOMPRESSED, MAX_EXPANSION * compressed_size))
+
+
+def _open_error(path: Path, exc: OSError) -> InputError:
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{path}: no such file")
+    if isinstance(exc, IsADirectoryError):
+        return InputError(f"{path}: is a directory, not a file")
+    return InputError(f"{path}: cannot read: {exc.strerror or exc}")
+
+
+def _kind(path: Path, head: bytes) -> str | None:
+    compression = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    suffix_kind = _SUFFIXES.get(Path(path).suffix)
+    if suffix_kind and compression != suffix_kind:
+        raise InputError(f"{path}: named .{suffix_kind} but its content is not {suffix_kind}-compressed")
+    return compression
+
+
+def read_elf_input(path: Path) -> tuple[bytes | mmap.mmap, str | None]:
+    """An ELF input for parsing: a plain file mapped read-only (its size is its own, not a bomb: a 1 GiB debug
+    vmlinux costs page cache, not heap), a compressed one decompressed up to :func:`decompression_cap`."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            compression = _kind(path, head)
+            if compression is None:
+                size = os.fstat(fh.fileno()).st_size
+                if size == 0:
+                    return b"", None
+                if size > MAX_INPUT:
+                    raise InputError(f"{path}: larger than {MAX_INPUT >> 20} MiB")
+                return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), None
+            fh.seek(0)
+            raw = fh.read(MAX_INPUT + 1)
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    if len(raw) > MAX_INPUT:
+        raise InputError(f"{path}: compressed file larger than {MAX_INPUT >> 20} MiB")
+    return _decompress(path, raw, compression, decompression_cap(len(raw))), compression
+
+
 def read_capped(path: Path, cap: int = MAX_DECOMPRESSED) -> tuple[bytes, str | None]:
     """The file's bytes, decompressed when it is xz/zstd/gzip (by magic), and the compression used."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(cap + 1)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a file") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    compression = next((kind for magic, kind in _MAGIC.items() if raw.startswith(magic)), None)
-    suffix_kind = _SUFFIXES.get(Path(path).suffix)
-    if suffix_kind and compression != suffix_kind:
-        raise InputError(f"{path}: named .{suffix_kind} but its content is not {suffix_kind}-compressed")
+        raise _open_error(path, exc) from None
+    compression = _kind(path, raw)
     if compression is None:
         if len(raw) > cap:
             raise InputError(f"{path}: larger than {cap >> 20} MiB")
         return raw, None
     if len(raw) > cap:
         raise InputError(f"{path}: compressed file larger than {cap >> 20} MiB")
+    return _decompress(path, raw, compression, cap), compression
+
+
+def _decompress(path: Path, raw: bytes, compression: str, cap: int) -> bytes:
     try:
         if compression == "xz":
             xz = lzma.LZMADecompressor()
@@ -63,10 +122,11 @@ def read_capped(path: Path, cap: int = MAX_DECOMPRESSED) -> tuple[bytes, str | N
     except (lzma.LZMAError, zlib.error, EOFError) as exc:
         raise InputError(f"{path}: corrupt {compression} data: {exc}") from None
     if len(out) > cap:
-        raise InputError(f"{path}: decompresses to more than {cap >> 20} MiB")
+        hint = "" if os.environ.get(CAP_ENV) else f" ({MAX_EXPANSION}x its compressed size; raise with {CAP_ENV})"
+        raise InputError(f"{path}: decompresses to more than {cap >> 20} MiB{hint}")
     if not complete:
         raise InputError(f"{path}: truncated {compression} data")
-    return out, compression
+    return out
 
 
 def _unzstd(path: Path, cap: int) -> bytes:
@@ -344,19 +404,24 @@ def release_version(release: str) -> tuple[int, int, int]:
 
 
 __all__ = [
+    "CAP_ENV",
     "CONFIG_OPTIONS",
     "MAX_DECOMPRESSED",
+    "MAX_EXPANSION",
+    "MAX_INPUT",
     "MAX_TEXT",
     "SymbolList",
     "SymversEntry",
     "TextSymbol",
     "config_flags",
+    "decompression_cap",
     "is_placeholder_system_map",
     "kernel_release",
     "parse_config",
     "parse_symbol_list",
     "parse_symvers",
     "read_capped",
+    "read_elf_input",
     "read_text",
     "release_version",
 ]

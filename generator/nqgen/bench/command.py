@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
-from nqgen import probe, reprokernel
-from nqgen.bench import labcost, report, symbols, whole
+from nqgen import compare, probe, reprokernel
+from nqgen.bench import fleet, labcost, report, symbols, whole
 from nqgen.bench.symbols import Skipped, SymbolCase
 from nqgen.errors import NqgenError
-from nqgen.lab.cost import CostPlan
+from nqgen.lab.cost import CostPlan, write_cost_json
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -28,11 +28,14 @@ def debian_release() -> str | None:
     return None
 
 
-# the strategies that replace the confirm; advance-confirm* put UDP through NFQUEUE by design (no consumer here)
-COST_STRATEGIES = ("ftrace", "hook-swap", "stop-hook", "livepatch")
+# every strategy; advance-confirm* queue UDP by design: with no consumer their default bypass lets it pass, so their
+# rows include the failed queue lookup
+COST_STRATEGIES = ("advance-confirm", "advance-confirm-corrected", "ftrace", "hook-swap", "stop-hook", "livepatch",
+                   "hold-ref")
 
 
-def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan) -> dict[str, object]:
+def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan,
+             strategies: tuple[str, ...] = COST_STRATEGIES) -> dict[str, object]:
     """Generate and build every strategy for the Debian kernel, then one cost boot per replacing strategy."""
     if shutil.which("qemu-system-x86_64") is None or not Path("/bin/busybox").is_file():
         return {"skipped": "needs qemu-system-x86_64 and busybox-static (make deps)"}
@@ -41,15 +44,23 @@ def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan) -> dict[str, o
                     str(module), "--out", str(gen)], check=True, capture_output=True)  # fmt: skip
     nqgen = Path(sys.executable).with_name("nqgen")
     subprocess.run(["make", "-s", "-C", str(gen), f"NQGEN={nqgen}"], check=True, capture_output=True)
-    results = labcost.run_costs(gen, COST_STRATEGIES, plan)
+    results = labcost.run_costs(gen, strategies, plan)
+    write_cost_json(gen, results, str(report.machine()["date"]))
+    compare.refresh(gen)  # gen/COMPARISON.md gets the cost columns
     click.echo("")
-    click.echo(f"Packet-path cost: one boot per strategy, {plan.pairs} pairs of phases without/with the module, "
-               f"{plan.datagrams} datagrams per phase, family and kind (no NFQUEUE)")  # fmt: skip
+    click.echo(f"Packet-path cost: one boot per strategy, {plan.pairs} pairs of phases without/with the module "
+               f"(ABBA), per phase and family {plan.datagrams} new flows and {plan.datagrams * plan.repeat} "
+               "established datagrams, timed by the guest's sender (noise: spread of the unpatched phases)")
     click.echo(labcost.cost_table(results))
-    return {"results": [r.to_dict() for r in results]}
+    click.echo("")
+    click.echo("The lab's own time (host seconds per boot; guest uptime marks):")
+    click.echo(labcost.lab_time_table(results))
+    return {"plan": {"pairs": plan.pairs, "datagrams": plan.datagrams, "repeat": plan.repeat},
+            "results": [r.to_dict() for r in results]}
 
 
-def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None) -> dict[str, object]:
+def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None,
+        fleet_count: int = 0, strategies: tuple[str, ...] = COST_STRATEGIES) -> dict[str, object]:
     cases: list[SymbolCase | Skipped] = []
     missing = symbols.tools_missing()
     release = debian_release()
@@ -98,12 +109,17 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
     click.echo("")
     click.echo(report.whole_table(whole_run))
     doc["whole"] = whole_run.to_json()
+    if fleet_count:
+        click.echo("")
+        fleet_run = fleet.run_fleet_bench(out / "fleet", release, fleet_count)
+        click.echo(fleet.fleet_table(fleet_run))
+        doc["fleet"] = fleet_run.to_json()
     if cost is not None:
         costs: dict[str, object]
         if module is None or kdir is None or not kdir.is_dir():
             costs = {"skipped": "no Debian kernel headers and nf_conntrack.ko (make deps)"}
         else:
-            costs = lab_cost(out, kdir, module, cost)
+            costs = lab_cost(out, kdir, module, cost, strategies)
         if "skipped" in costs:
             click.echo(f"\npacket-path cost: skipped: {costs['skipped']}")
         doc["cost"] = costs
@@ -117,13 +133,23 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
 @click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True)
 @click.option("--no-whole", is_flag=True, help="Skip the whole-command comparison (it builds a module).")
 @click.option("--no-cost", is_flag=True, help="Skip the packet-path cost boots in the VM lab.")
-@click.option("--cost-pairs", type=click.IntRange(1, 10), default=3, show_default=True)
-@click.option("--cost-datagrams", type=click.IntRange(10, 3000), default=1000, show_default=True)
-def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, cost_pairs: int, cost_datagrams: int) -> None:
+@click.option("--fleet-targets", type=click.IntRange(0, 1000), default=100, show_default=True,
+              help="Targets of the fleet run (0: skip it).")
+@click.option("--cost-pairs", type=click.IntRange(1, 40), default=8, show_default=True)
+@click.option("--cost-datagrams", type=click.IntRange(10, 4000), default=500, show_default=True)
+@click.option("--cost-repeat", type=click.IntRange(1, 50), default=4, show_default=True,
+              help="Established datagrams per flow and phase.")
+@click.option("--cost-strategies", default=",".join(COST_STRATEGIES), show_default=True)
+@click.option("--cost-icount", type=click.IntRange(0, 10), default=None,
+              help="Run the cost boots under qemu -icount shift=N (guest clock = instructions; slow under TCG).")
+def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, fleet_targets: int, cost_pairs: int,
+         cost_datagrams: int, cost_repeat: int, cost_strategies: str, cost_icount: int | None) -> None:
     """Benchmarks side by side with binutils and unpatched phases, as ratios (nothing here asserts a time)."""
-    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams)
+    cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams, repeat=cost_repeat,
+                                         icount=cost_icount)
+    strategies = tuple(s for s in cost_strategies.split(",") if s)
     try:
-        run(out, rounds, with_whole=not no_whole, cost=cost)
+        run(out, rounds, with_whole=not no_whole, cost=cost, fleet_count=fleet_targets, strategies=strategies)
     except (OSError, RuntimeError, subprocess.CalledProcessError, NqgenError) as exc:
         click.echo(f"nqgen bench: {exc}", err=True)
         sys.exit(4)

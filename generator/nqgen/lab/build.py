@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import BuildError, InputError
 from .guestapi import GuestApi
 
-GUEST_PROGRAMS = ("nq_udprace", "nq_queue", "nq_ctevents")
+GUEST_PROGRAMS = ("nq_udprace", "nq_queue", "nq_ctevents", "nq_pktcost")
 HELPER_MODULE = "nqlab_ct"
 DETECTOR_MODULE = "nqlab_detect"
 

@@ -24,6 +24,9 @@ class QemuConfig:
     timeout: float = 180.0
     append: str = ""
     qemu: str = "qemu-system-x86_64"
+    # qemu -icount shift=N,sleep=off: the guest's clock counts executed instructions (2^N ns each) and skips idle
+    # time, so guest-side timings measure the guest's own work, not the host's load (the cost lab uses it)
+    icount: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
         "-serial", f"file:{console}",
         "-serial", f"file:{results}",
         "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04",
+        *(["-icount", f"shift={cfg.icount},sleep=off"] if cfg.icount is not None else []),
     ]
 
 

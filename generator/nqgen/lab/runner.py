@@ -322,9 +322,11 @@ def boot_initramfs(
     smp: int | None = None,
     timeout: float | None = None,
     append: str | None = None,
+    icount: int | None = None,
 ) -> QemuOutcome:
     """Boot ``config``'s kernel once with ``initramfs`` (kept as ``run_dir/initrd.cpio``). ``smp``, ``timeout``
-    and ``append`` replace the config's; a KASAN kernel also gets ``kasan_multi_shot``. The console and the
+    and ``append`` replace the config's; ``icount`` runs qemu with ``-icount``; a KASAN kernel also gets
+    ``kasan_multi_shot``. The console and the
     result lines are copied to ``config.logs_dir`` as ``<log_tag>.console.log`` and ``<log_tag>.results.jsonl``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     initrd = run_dir / "initrd.cpio"
@@ -338,6 +340,7 @@ def boot_initramfs(
             memory=config.memory,
             timeout=config.timeout if timeout is None else timeout,
             append=("kasan_multi_shot " if config.kernel.kasan else "") + cmdline,
+            icount=icount,
         ),
         run_dir,
     )
