@@ -462,39 +462,99 @@ def test_status_script_is_posix_sh() -> None:
             assert _run(args).returncode == 0
 
 
+# What busybox's insmod prints for EKEYREJECTED (strerror), and the kernel's own line for each refusal
+# (kernel/module/signing.c: module_sig_check()).
+KEY_REJECTED = "Key was rejected by service"
+
+
 @pytest.mark.vm
 @needs_vm
-def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_only(tmp_path: Path) -> None:
-    """The reference kernel's variant with CONFIG_MODULE_SIG_FORCE and the test certificate built in."""
+def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_only(
+    signing_key: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`make sig-kernel`: the reference kernel's source without KASAN, CONFIG_MODULE_SIG_FORCE and the test
+    certificate in CONFIG_SYSTEM_TRUSTED_KEYS. One boot: unsigned, signed with another key, signed with the test
+    key then altered: refused; signed with the test key: loads, runs (live, counters in sysfs) and unloads."""
     from nqgen.pkg import sigkernel
     from nqgen.pkg.guestcheck import GuestCase, run_guest
+    from nqgen.pkg.sign import is_signed, sign
 
     k = sigkernel.find_built()
     if k is None:
-        pytest.skip("the signature-enforcing reference kernel is not built (python3 -m nqgen.pkg.sigkernel)")
-    key, cert = sigkernel.signing_key()
+        pytest.skip("the signature-enforcing kernel is not built (make sig-kernel)")
+    key, cert = sigkernel.key_paths()
+    strategy = "advance-confirm-corrected"
     conntrack = k.modules_dir / "kernel/net/netfilter/nf_conntrack.ko"
-    proc = run_nqgen(["--strategy", "advance-confirm-corrected", "--kdir", str(k.kdir), "--module", str(conntrack),
+    proc = run_nqgen(["--strategy", strategy, "--kdir", str(k.kdir), "--module", str(conntrack),
                       "--out", "out"], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     build = _make(out)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    hm = hostfiles.host_module(out, "advance-confirm-corrected")
+    hm = hostfiles.host_module(out, strategy)
     unsigned = tmp_path / "unsigned.ko"
     shutil.copy(hm.ko, unsigned)
-    signed = _make(out, "sign", f"KEY={key}", f"CERT={cert}")
+    signed = _make(out, "sign", f"KEY={key}", f"CERT={cert}")  # the kernel tree's own scripts/sign-file
     assert signed.returncode == 0, signed.stderr
+    assert not is_signed(unsigned) and is_signed(hm.ko)
+    assert _run(["modinfo", "-F", "signer", str(hm.ko)]).stdout.strip() == "nqgen test module signing key"
+    other = tmp_path / "other-key.ko"
+    shutil.copy(unsigned, other)
+    sign(other, *signing_key, k.kdir)  # a well-formed signature by a key the kernel does not trust
+    altered = bytearray(hm.ko.read_bytes())
+    altered[len(altered) // 3] ^= 0x01  # one bit of the signed module changed after signing
+    (tmp_path / "altered.ko").write_bytes(bytes(altered))
     root = tmp_path / "hostroot"
     hostfiles.stage(hm, root, [], [])
-    cases = [GuestCase(hm.module, "unsigned", unsigned), GuestCase(hm.module, "signed", hm.ko)]
-    run = run_guest(k.image, k.modules_dir, root, cases, tmp_path / "vm")
+    cases = [GuestCase(hm.module, "unsigned", unsigned), GuestCase(hm.module, "other-key", other),
+             GuestCase(hm.module, "altered", tmp_path / "altered.ko"), GuestCase(hm.module, "signed", hm.ko)]
+    # loglevel=7: the console also shows the kernel's notice that it loaded the certificates into its keyring
+    run = run_guest(k.image, k.modules_dir, root, cases, tmp_path / "vm", append="loglevel=7")
     assert run.done, run.console[-3000:]
-    assert run.dep_failures == []  # the kernel's own modules, signed with its build key, load
-    refused, loaded = run.cases
-    assert refused.insmod_rc != 0 and "Loading of unsigned module is rejected" in refused.insmod_output
+    cmdline = next(line for line in run.console.splitlines() if "Command line:" in line)
+    assert "sig_enforce" not in cmdline  # enforcement is built in (CONFIG_MODULE_SIG_FORCE), not asked for
+    assert "Loaded X.509 cert 'nqgen test module signing key: " in run.console
+    assert run.dep_failures == []  # the kernel's own modules, signed at modules_install with its build key, load
+    unsigned_res, other_res, altered_res, loaded = run.cases
+    for res in (unsigned_res, other_res, altered_res):
+        assert res.insmod_rc != 0 and KEY_REJECTED in res.insmod_output, (res.variant, res.insmod_output)
+        assert res.status_rc is None  # never got as far as loading
+    assert "Loading of unsigned module is rejected" in unsigned_res.insmod_output
+    assert "Loading of module with unavailable key is rejected" in other_res.insmod_output
     assert loaded.insmod_rc == 0, loaded.insmod_output
-    assert f"{hm.module}: live" in loaded.status_text and loaded.unload_rc == 0
+    assert f"{hm.module}: live" in loaded.status_text
+    assert loaded.sysfs[f"/sys/module/{hm.module}/initstate"] == "live"
+    assert {f"/sys/kernel/{hm.module}/{c}" for c in hm.counters} <= loaded.sysfs.keys()
+    assert loaded.unload_rc == 0 and not loaded.still_loaded, loaded.unload_output
+
+
+def test_sig_kernel_inputs_are_the_reference_without_kasan_and_trust_the_test_key(tmp_path: Path) -> None:
+    """Offline: what `make sig-kernel` would build, in a fresh cache (the key is made there, never in the repo)."""
+    from nqgen import reprokernel
+    from nqgen.errors import InputError
+    from nqgen.kernels.kconfig import parse_config
+    from nqgen.pkg import sigkernel
+
+    try:
+        ref = reprokernel.load_inputs()
+    except InputError as exc:
+        pytest.skip(str(exc))
+    cache = tmp_path / "cache"
+    assert sigkernel.find_built(cache) is None and not cache.exists()  # looking makes no key
+    inputs = sigkernel.inputs(cache)
+    key, cert = sigkernel.key_paths(cache)
+    assert key.is_file() and cert.is_file() and key.parent.is_relative_to(cache)
+    assert _run(["openssl", "x509", "-noout", "-subject", "-in", str(cert)]).stdout.strip() == (
+        "subject=CN = nqgen test module signing key")
+    want, have = parse_config(ref.fragment_text), parse_config(inputs.fragment_text)
+    assert not [n for n in have if "KASAN" in n]
+    assert {n: v for n, v in want.items() if "KASAN" not in n and n != "CONFIG_MODULE_SIG"}.items() <= have.items()
+    for name in ("CONFIG_MODULE_SIG", "CONFIG_MODULE_SIG_FORCE", "CONFIG_MODULE_SIG_ALL", "CONFIG_MODULE_SIG_SHA256"):
+        assert have[name] == "y"
+    assert have["CONFIG_SYSTEM_TRUSTED_KEYS"] == f'"{cert}"'
+    assert inputs.key != ref.key and inputs.patches == ref.patches
+    assert sigkernel.inputs(cache).key == inputs.key  # the key is made once and reused
+    assert sigkernel.find_built(cache) is None
 
 
 def test_status_warns_about_another_kernel_and_a_foreign_module_file_in_sh_and_python(tmp_path: Path) -> None:
