@@ -7,6 +7,7 @@ installed Debian kernel booted under qemu for nqgen-status and the signature che
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import lzma
@@ -22,6 +23,7 @@ from conftest import ROOT, DebianKernel, run_nqgen
 from nqgen.pkg import hostfiles
 from nqgen.pkg.archive import extract, member_path
 from nqgen.pkg.frompkg import cache_root
+from nqgen.pkg.guestcheck import GuestCase, GuestRun
 from nqgen.pkg.status import status
 
 ALL = ("advance-confirm", "advance-confirm-corrected", "ftrace", "hook-swap", "stop-hook", "livepatch")
@@ -430,28 +432,68 @@ def test_nqgen_status_in_the_guest_with_each_strategy_loaded(
     assert run.final_status_rc == 3 and "no nqgen module is loaded" in run.final_status_text
 
 
+# What busybox's insmod prints for EKEYREJECTED (strerror), and the kernel's own line for each refusal
+# (kernel/module/signing.c: module_sig_check()).
+KEY_REJECTED = "Key was rejected by service"
+
+
+def _signature_cases(ko: Path, module: str, kdir: Path, test_key: tuple[Path, Path], other_key: tuple[Path, Path],
+                     work: Path) -> list[GuestCase]:  # fmt: skip
+    """unsigned, signed with a key the kernel does not trust, signed with the test key then altered, signed."""
+    from nqgen.pkg.sign import is_signed, sign
+
+    files = {v: work / f"{v}.ko" for v in ("unsigned", "other-key", "altered", "signed")}
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ko, files["unsigned"])
+    assert not is_signed(files["unsigned"])
+    for variant, key in (("other-key", other_key), ("signed", test_key)):
+        shutil.copy(ko, files[variant])
+        sign(files[variant], *key, kdir)  # the kernel tree's own scripts/sign-file
+    altered = bytearray(files["signed"].read_bytes())
+    altered[len(altered) // 3] ^= 0x01  # one bit of the signed module changed after signing
+    files["altered"].write_bytes(bytes(altered))
+    return [GuestCase(module, v, f) for v, f in files.items()]
+
+
+def _check_signature_verdicts(run: GuestRun, module: str, counters: tuple[str, ...]) -> None:
+    assert run.done, run.console[-3000:]
+    assert [c.variant for c in run.cases] == ["unsigned", "other-key", "altered", "signed"]
+    unsigned, other, altered, loaded = run.cases
+    for res in (unsigned, other, altered):
+        assert res.insmod_rc != 0 and KEY_REJECTED in res.insmod_output, (res.variant, res.insmod_output)
+        assert res.status_rc is None  # never got as far as loading
+    assert "Loading of unsigned module is rejected" in unsigned.insmod_output
+    assert "Loading of module with unavailable key is rejected" in other.insmod_output
+    assert loaded.insmod_rc == 0, loaded.insmod_output
+    assert f"{module}: live" in loaded.status_text
+    assert loaded.sysfs[f"/sys/module/{module}/initstate"] == "live"
+    assert {f"/sys/kernel/{module}/{c}" for c in counters} <= loaded.sysfs.keys()  # it runs: its counters are up
+    assert loaded.unload_rc == 0 and not loaded.still_loaded, loaded.unload_output
+
+
 @pytest.mark.vm
 @needs_vm
-def test_signature_enforcement_refuses_the_unsigned_and_the_untrusted_module(
+def test_debian_kernel_trusting_the_test_key_through_uefi_db_loads_only_the_signed_module(
     debian: DebianKernel, built_out: Path, signing_key: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """Debian's kernel with module.sig_enforce=1 (its own signed modules load; ours are refused)."""
-    from nqgen.pkg.guestcheck import GuestCase, run_guest
-    from nqgen.pkg.sign import sign
+    """Debian's own kernel under OVMF whose db holds the test certificate, booted with module.sig_enforce=1:
+    the firmware's db is how a Secure Boot host trusts a key (Debian loads it into the platform keyring and
+    verifies modules against it). Unsigned, other-key and altered modules refused; the test-key one loads."""
+    from nqgen.pkg import sigkernel, uefikeys
+    from nqgen.pkg.guestcheck import run_guest
 
-    root = tmp_path / "hostroot"
+    test_key = sigkernel.test_key()
+    firmware = uefikeys.boot_copy(uefikeys.firmware_trusting(test_key[1]), tmp_path / "vars.fd")
     hm = hostfiles.host_module(built_out, "ftrace")
+    root = tmp_path / "hostroot"
     hostfiles.stage(hm, root, [], [])
-    signed = tmp_path / "nq_ftrace.ko"
-    shutil.copy(hm.ko, signed)
-    sign(signed, *signing_key, debian.kdir)
-    cases = [GuestCase(hm.module, "unsigned", hm.ko), GuestCase(hm.module, "signed", signed)]
-    run = run_guest(debian.vmlinuz, debian.modules_dir, root, cases, tmp_path / "vm", append="module.sig_enforce=1")
-    assert run.done, run.console[-3000:]
+    cases = _signature_cases(hm.ko, hm.module, debian.kdir, test_key, signing_key, tmp_path / "ko")
+    # loglevel=6: the console also shows the keys the kernel loaded
+    run = run_guest(debian.vmlinuz, debian.modules_dir, root, cases, tmp_path / "vm",
+                    append="module.sig_enforce=1 loglevel=6", firmware=firmware)  # fmt: skip
     assert run.dep_failures == []  # Debian's own signed conntrack modules load
-    unsigned, untrusted = run.cases
-    assert unsigned.insmod_rc != 0 and "Loading of unsigned module is rejected" in unsigned.insmod_output
-    assert untrusted.insmod_rc != 0 and "Loading of module with unavailable key is rejected" in untrusted.insmod_output
+    assert "integrity: Loaded X.509 cert 'nqgen test module signing key: " in run.console
+    _check_signature_verdicts(run, hm.module, hm.counters)
 
 
 def test_status_script_is_posix_sh() -> None:
@@ -462,11 +504,6 @@ def test_status_script_is_posix_sh() -> None:
             assert _run(args).returncode == 0
 
 
-# What busybox's insmod prints for EKEYREJECTED (strerror), and the kernel's own line for each refusal
-# (kernel/module/signing.c: module_sig_check()).
-KEY_REJECTED = "Key was rejected by service"
-
-
 @pytest.mark.vm
 @needs_vm
 def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_only(
@@ -474,10 +511,9 @@ def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_on
 ) -> None:
     """`make sig-kernel`: the reference kernel's source without KASAN, CONFIG_MODULE_SIG_FORCE and the test
     certificate in CONFIG_SYSTEM_TRUSTED_KEYS. One boot: unsigned, signed with another key, signed with the test
-    key then altered: refused; signed with the test key: loads, runs (live, counters in sysfs) and unloads."""
+    key then altered: refused; signed with the test key (by `make -C out sign`): loads, runs and unloads."""
     from nqgen.pkg import sigkernel
-    from nqgen.pkg.guestcheck import GuestCase, run_guest
-    from nqgen.pkg.sign import is_signed, sign
+    from nqgen.pkg.guestcheck import run_guest
 
     k = sigkernel.find_built()
     if k is None:
@@ -492,40 +528,20 @@ def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_on
     build = _make(out)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     hm = hostfiles.host_module(out, strategy)
-    unsigned = tmp_path / "unsigned.ko"
-    shutil.copy(hm.ko, unsigned)
-    signed = _make(out, "sign", f"KEY={key}", f"CERT={cert}")  # the kernel tree's own scripts/sign-file
+    cases = _signature_cases(hm.ko, hm.module, k.kdir, (key, cert), signing_key, tmp_path / "ko")
+    signed = _make(out, "sign", f"KEY={key}", f"CERT={cert}")
     assert signed.returncode == 0, signed.stderr
-    assert not is_signed(unsigned) and is_signed(hm.ko)
     assert _run(["modinfo", "-F", "signer", str(hm.ko)]).stdout.strip() == "nqgen test module signing key"
-    other = tmp_path / "other-key.ko"
-    shutil.copy(unsigned, other)
-    sign(other, *signing_key, k.kdir)  # a well-formed signature by a key the kernel does not trust
-    altered = bytearray(hm.ko.read_bytes())
-    altered[len(altered) // 3] ^= 0x01  # one bit of the signed module changed after signing
-    (tmp_path / "altered.ko").write_bytes(bytes(altered))
+    cases[-1] = dataclasses.replace(cases[-1], ko=hm.ko)  # the one `make sign` signed
     root = tmp_path / "hostroot"
     hostfiles.stage(hm, root, [], [])
-    cases = [GuestCase(hm.module, "unsigned", unsigned), GuestCase(hm.module, "other-key", other),
-             GuestCase(hm.module, "altered", tmp_path / "altered.ko"), GuestCase(hm.module, "signed", hm.ko)]
-    # loglevel=7: the console also shows the kernel's notice that it loaded the certificates into its keyring
-    run = run_guest(k.image, k.modules_dir, root, cases, tmp_path / "vm", append="loglevel=7")
-    assert run.done, run.console[-3000:]
+    # loglevel=6: the console also shows the kernel's notice that it loaded the certificates into its keyring
+    run = run_guest(k.image, k.modules_dir, root, cases, tmp_path / "vm", append="loglevel=6")
     cmdline = next(line for line in run.console.splitlines() if "Command line:" in line)
     assert "sig_enforce" not in cmdline  # enforcement is built in (CONFIG_MODULE_SIG_FORCE), not asked for
     assert "Loaded X.509 cert 'nqgen test module signing key: " in run.console
     assert run.dep_failures == []  # the kernel's own modules, signed at modules_install with its build key, load
-    unsigned_res, other_res, altered_res, loaded = run.cases
-    for res in (unsigned_res, other_res, altered_res):
-        assert res.insmod_rc != 0 and KEY_REJECTED in res.insmod_output, (res.variant, res.insmod_output)
-        assert res.status_rc is None  # never got as far as loading
-    assert "Loading of unsigned module is rejected" in unsigned_res.insmod_output
-    assert "Loading of module with unavailable key is rejected" in other_res.insmod_output
-    assert loaded.insmod_rc == 0, loaded.insmod_output
-    assert f"{hm.module}: live" in loaded.status_text
-    assert loaded.sysfs[f"/sys/module/{hm.module}/initstate"] == "live"
-    assert {f"/sys/kernel/{hm.module}/{c}" for c in hm.counters} <= loaded.sysfs.keys()
-    assert loaded.unload_rc == 0 and not loaded.still_loaded, loaded.unload_output
+    _check_signature_verdicts(run, hm.module, hm.counters)
 
 
 def test_sig_kernel_inputs_are_the_reference_without_kasan_and_trust_the_test_key(tmp_path: Path) -> None:

@@ -24,6 +24,9 @@ class QemuConfig:
     timeout: float = 180.0
     append: str = ""
     qemu: str = "qemu-system-x86_64"
+    # UEFI firmware as (code, variable store) pflash images, e.g. OVMF with a key in its db; None: SeaBIOS.
+    # The variable store is written by the firmware: pass a copy.
+    firmware: tuple[Path, Path] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,11 @@ BASE_APPEND = "console=ttyS0 loglevel=5 oops=panic panic=-1 rdinit=/init"
 
 def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
     append = f"{BASE_APPEND} {cfg.append}".strip()
+    firmware = []
+    if cfg.firmware is not None:
+        code, variables = cfg.firmware
+        firmware = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]  # fmt: skip
     return [
         cfg.qemu,
         "-accel", "tcg",
@@ -69,6 +77,7 @@ def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
         "-serial", f"file:{console}",
         "-serial", f"file:{results}",
         "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04",
+        *firmware,
     ]
 
 
