@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import click
 
 from .. import reprokernel
 from ..errors import BuildError, NqgenError
+from ..kernels.kconfig import missing_options
+from ..kernels.runner import Runner, locked, sayer
 from ..reprokernel import Inputs, ReproKernel
 from .frompkg import cache_root
 
@@ -111,8 +116,46 @@ def find_built(cache: Path | None = None) -> ReproKernel | None:
         return None
 
 
+def _resume(ins: Inputs, kernels: Path, jobs: int) -> ReproKernel | None:
+    """Finish a build of these same inputs that was interrupted in ``<key>.tmp`` (the machine's time ran out):
+    make picks up where it stopped. None when there is no such build (the reference builder then starts anew)."""
+    tmp, final = kernels / f"{ins.key}.tmp", kernels / ins.key
+    src, frag = tmp / "build", tmp / "inputs" / "config.fragment"
+    if not ((src / ".config").is_file() and frag.is_file() and frag.read_text() == ins.fragment_text):
+        return None
+    say = sayer("sig-kernel")
+    with locked(kernels, ins.key, say):
+        found = reprokernel.find_built(kernels, inputs=ins)
+        if found is not None or not tmp.is_dir():
+            return found
+        r = Runner(tmp / reprokernel.LOG_FILE, 10, say)
+        say(f"resuming the interrupted build in {tmp}")
+        start = time.monotonic()
+        r.run(["make", "olddefconfig"], src, "make olddefconfig")
+        bad = missing_options((src / ".config").read_text(), ins.fragment_text)
+        if bad:
+            raise BuildError(f"Kconfig dropped requested options: {', '.join(bad)}")
+        r.run(["make", f"-j{jobs}", "bzImage", "modules"], src, "make bzImage modules")
+        release = r.run(["make", "-s", "kernelrelease"], src, "kernel release", capture=True).strip()
+        mods = tmp / "modules"
+        if mods.exists():
+            shutil.rmtree(mods)
+        r.run(["make", f"INSTALL_MOD_PATH={mods}", "DEPMOD=/bin/true", "modules_install"], src, "modules_install")
+        r.run(["depmod", "-b", str(mods), release], src, "depmod")
+        reprokernel._relink(mods / "lib/modules" / release)
+        meta = {"release": release, "key": ins.key, "source": ins.source_id, "recipe": reprokernel.RECIPE,
+                "patches": [name for name, _ in ins.patches], "jobs": jobs,
+                "seconds": round(time.monotonic() - start), "resumed": True}  # fmt: skip
+        (tmp / reprokernel.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.rename(final)
+        say(f"built {release}: {final}")
+    return reprokernel.find_built(kernels, inputs=ins)
+
+
 def ensure_built(cache: Path | None = None, jobs: int = 2) -> ReproKernel:
-    return reprokernel.ensure_built(root(cache) / "kernels", jobs=jobs, inputs=inputs(cache), nice=10)
+    kernels, ins = root(cache) / "kernels", inputs(cache)
+    found = reprokernel.find_built(kernels, inputs=ins) or _resume(ins, kernels, jobs)
+    return found or reprokernel.ensure_built(kernels, jobs=jobs, inputs=ins, nice=10)
 
 
 @click.command()
