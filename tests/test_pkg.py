@@ -544,6 +544,18 @@ def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_on
     _check_signature_verdicts(run, hm.module, hm.counters)
 
 
+def test_uefi_boot_passes_the_firmware_as_pflash_and_keeps_seabios_otherwise(tmp_path: Path) -> None:
+    from nqgen.lab.qemu import QemuConfig, qemu_command
+
+    plain = QemuConfig(kernel=tmp_path / "k", initrd=tmp_path / "i")
+    uefi = QemuConfig(kernel=tmp_path / "k", initrd=tmp_path / "i", firmware=(tmp_path / "code", tmp_path / "vars"))
+    assert not [a for a in qemu_command(plain, tmp_path / "c", tmp_path / "r") if "pflash" in a]
+    assert [a for a in qemu_command(uefi, tmp_path / "c", tmp_path / "r") if "pflash" in a] == [
+        f"if=pflash,format=raw,unit=0,readonly=on,file={tmp_path / 'code'}",
+        f"if=pflash,format=raw,unit=1,file={tmp_path / 'vars'}",
+    ]
+
+
 def test_sig_kernel_inputs_are_the_reference_without_kasan_and_trust_the_test_key(tmp_path: Path) -> None:
     """Offline: what `make sig-kernel` would build, in a fresh cache (the key is made there, never in the repo)."""
     from nqgen import reprokernel
