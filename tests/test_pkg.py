@@ -7,6 +7,7 @@ installed Debian kernel booted under qemu for nqgen-status and the signature che
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import lzma
@@ -22,6 +23,7 @@ from conftest import ROOT, DebianBuilt, DebianKernel, make_jobs, run_nqgen
 from nqgen.pkg import hostfiles
 from nqgen.pkg.archive import extract, member_path
 from nqgen.pkg.frompkg import cache_root
+from nqgen.pkg.guestcheck import GuestCase, GuestRun
 from nqgen.pkg.status import status
 
 ALL = ("advance-confirm", "advance-confirm-corrected", "ftrace", "hook-swap", "stop-hook", "livepatch")
@@ -426,28 +428,68 @@ def test_nqgen_status_in_the_guest_with_each_strategy_loaded(
     assert run.final_status_rc == 3 and "no nqgen module is loaded" in run.final_status_text
 
 
+# What busybox's insmod prints for EKEYREJECTED (strerror), and the kernel's own line for each refusal
+# (kernel/module/signing.c: module_sig_check()).
+KEY_REJECTED = "Key was rejected by service"
+
+
+def _signature_cases(ko: Path, module: str, kdir: Path, test_key: tuple[Path, Path], other_key: tuple[Path, Path],
+                     work: Path) -> list[GuestCase]:  # fmt: skip
+    """unsigned, signed with a key the kernel does not trust, signed with the test key then altered, signed."""
+    from nqgen.pkg.sign import is_signed, sign
+
+    files = {v: work / f"{v}.ko" for v in ("unsigned", "other-key", "altered", "signed")}
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ko, files["unsigned"])
+    assert not is_signed(files["unsigned"])
+    for variant, key in (("other-key", other_key), ("signed", test_key)):
+        shutil.copy(ko, files[variant])
+        sign(files[variant], *key, kdir)  # the kernel tree's own scripts/sign-file
+    altered = bytearray(files["signed"].read_bytes())
+    altered[len(altered) // 3] ^= 0x01  # one bit of the signed module changed after signing
+    files["altered"].write_bytes(bytes(altered))
+    return [GuestCase(module, v, f) for v, f in files.items()]
+
+
+def _check_signature_verdicts(run: GuestRun, module: str, counters: tuple[str, ...]) -> None:
+    assert run.done, run.console[-3000:]
+    assert [c.variant for c in run.cases] == ["unsigned", "other-key", "altered", "signed"]
+    unsigned, other, altered, loaded = run.cases
+    for res in (unsigned, other, altered):
+        assert res.insmod_rc != 0 and KEY_REJECTED in res.insmod_output, (res.variant, res.insmod_output)
+        assert res.status_rc is None  # never got as far as loading
+    assert "Loading of unsigned module is rejected" in unsigned.insmod_output
+    assert "Loading of module with unavailable key is rejected" in other.insmod_output
+    assert loaded.insmod_rc == 0, loaded.insmod_output
+    assert f"{module}: live" in loaded.status_text
+    assert loaded.sysfs[f"/sys/module/{module}/initstate"] == "live"
+    assert {f"/sys/kernel/{module}/{c}" for c in counters} <= loaded.sysfs.keys()  # it runs: its counters are up
+    assert loaded.unload_rc == 0 and not loaded.still_loaded, loaded.unload_output
+
+
 @pytest.mark.vm
 @needs_vm
-def test_signature_enforcement_refuses_the_unsigned_and_the_untrusted_module(
+def test_debian_kernel_trusting_the_test_key_through_uefi_db_loads_only_the_signed_module(
     debian: DebianKernel, built_out: Path, signing_key: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """Debian's kernel with module.sig_enforce=1 (its own signed modules load; ours are refused)."""
-    from nqgen.pkg.guestcheck import GuestCase, run_guest
-    from nqgen.pkg.sign import sign
+    """Debian's own kernel under OVMF whose db holds the test certificate, booted with module.sig_enforce=1:
+    the firmware's db is how a Secure Boot host trusts a key (Debian loads it into the platform keyring and
+    verifies modules against it). Unsigned, other-key and altered modules refused; the test-key one loads."""
+    from nqgen.pkg import sigkernel, uefikeys
+    from nqgen.pkg.guestcheck import run_guest
 
-    root = tmp_path / "hostroot"
+    test_key = sigkernel.test_key()
+    firmware = uefikeys.boot_copy(uefikeys.firmware_trusting(test_key[1]), tmp_path / "vars.fd")
     hm = hostfiles.host_module(built_out, "ftrace")
+    root = tmp_path / "hostroot"
     hostfiles.stage(hm, root, [], [])
-    signed = tmp_path / "nq_ftrace.ko"
-    shutil.copy(hm.ko, signed)
-    sign(signed, *signing_key, debian.kdir)
-    cases = [GuestCase(hm.module, "unsigned", hm.ko), GuestCase(hm.module, "signed", signed)]
-    run = run_guest(debian.vmlinuz, debian.modules_dir, root, cases, tmp_path / "vm", append="module.sig_enforce=1")
-    assert run.done, run.console[-3000:]
+    cases = _signature_cases(hm.ko, hm.module, debian.kdir, test_key, signing_key, tmp_path / "ko")
+    # loglevel=6: the console also shows the keys the kernel loaded
+    run = run_guest(debian.vmlinuz, debian.modules_dir, root, cases, tmp_path / "vm",
+                    append="module.sig_enforce=1 loglevel=6", firmware=firmware)  # fmt: skip
     assert run.dep_failures == []  # Debian's own signed conntrack modules load
-    unsigned, untrusted = run.cases
-    assert unsigned.insmod_rc != 0 and "Loading of unsigned module is rejected" in unsigned.insmod_output
-    assert untrusted.insmod_rc != 0 and "Loading of module with unavailable key is rejected" in untrusted.insmod_output
+    assert "integrity: Loaded X.509 cert 'nqgen test module signing key: " in run.console
+    _check_signature_verdicts(run, hm.module, hm.counters)
 
 
 def test_status_script_is_posix_sh() -> None:
@@ -460,37 +502,83 @@ def test_status_script_is_posix_sh() -> None:
 
 @pytest.mark.vm
 @needs_vm
-def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_only(tmp_path: Path) -> None:
-    """The reference kernel's variant with CONFIG_MODULE_SIG_FORCE and the test certificate built in."""
+def test_an_enforcing_kernel_that_trusts_the_test_key_loads_the_signed_module_only(
+    signing_key: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`make sig-kernel`: the reference kernel's source without KASAN, CONFIG_MODULE_SIG_FORCE and the test
+    certificate in CONFIG_SYSTEM_TRUSTED_KEYS. One boot: unsigned, signed with another key, signed with the test
+    key then altered: refused; signed with the test key (by `make -C out sign`): loads, runs and unloads."""
     from nqgen.pkg import sigkernel
-    from nqgen.pkg.guestcheck import GuestCase, run_guest
+    from nqgen.pkg.guestcheck import run_guest
 
     k = sigkernel.find_built()
     if k is None:
-        pytest.skip("the signature-enforcing reference kernel is not built (python3 -m nqgen.pkg.sigkernel)")
-    key, cert = sigkernel.signing_key()
+        pytest.skip("the signature-enforcing kernel is not built (make sig-kernel)")
+    key, cert = sigkernel.key_paths()
+    strategy = "advance-confirm-corrected"
     conntrack = k.modules_dir / "kernel/net/netfilter/nf_conntrack.ko"
-    proc = run_nqgen(["--strategy", "advance-confirm-corrected", "--kdir", str(k.kdir), "--module", str(conntrack),
+    proc = run_nqgen(["--strategy", strategy, "--kdir", str(k.kdir), "--module", str(conntrack),
                       "--out", "out"], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     build = _make(out)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    hm = hostfiles.host_module(out, "advance-confirm-corrected")
-    unsigned = tmp_path / "unsigned.ko"
-    shutil.copy(hm.ko, unsigned)
+    hm = hostfiles.host_module(out, strategy)
+    cases = _signature_cases(hm.ko, hm.module, k.kdir, (key, cert), signing_key, tmp_path / "ko")
     signed = _make(out, "sign", f"KEY={key}", f"CERT={cert}")
     assert signed.returncode == 0, signed.stderr
+    assert _run(["modinfo", "-F", "signer", str(hm.ko)]).stdout.strip() == "nqgen test module signing key"
+    cases[-1] = dataclasses.replace(cases[-1], ko=hm.ko)  # the one `make sign` signed
     root = tmp_path / "hostroot"
     hostfiles.stage(hm, root, [], [])
-    cases = [GuestCase(hm.module, "unsigned", unsigned), GuestCase(hm.module, "signed", hm.ko)]
-    run = run_guest(k.image, k.modules_dir, root, cases, tmp_path / "vm")
-    assert run.done, run.console[-3000:]
-    assert run.dep_failures == []  # the kernel's own modules, signed with its build key, load
-    refused, loaded = run.cases
-    assert refused.insmod_rc != 0 and "Loading of unsigned module is rejected" in refused.insmod_output
-    assert loaded.insmod_rc == 0, loaded.insmod_output
-    assert f"{hm.module}: live" in loaded.status_text and loaded.unload_rc == 0
+    # loglevel=6: the console also shows the kernel's notice that it loaded the certificates into its keyring
+    run = run_guest(k.image, k.modules_dir, root, cases, tmp_path / "vm", append="loglevel=6")
+    cmdline = next(line for line in run.console.splitlines() if "Command line:" in line)
+    assert "sig_enforce" not in cmdline  # enforcement is built in (CONFIG_MODULE_SIG_FORCE), not asked for
+    assert "Loaded X.509 cert 'nqgen test module signing key: " in run.console
+    assert run.dep_failures == []  # the kernel's own modules, signed at modules_install with its build key, load
+    _check_signature_verdicts(run, hm.module, hm.counters)
+
+
+def test_uefi_boot_passes_the_firmware_as_pflash_and_keeps_seabios_otherwise(tmp_path: Path) -> None:
+    from nqgen.lab.qemu import QemuConfig, qemu_command
+
+    plain = QemuConfig(kernel=tmp_path / "k", initrd=tmp_path / "i")
+    uefi = QemuConfig(kernel=tmp_path / "k", initrd=tmp_path / "i", firmware=(tmp_path / "code", tmp_path / "vars"))
+    assert not [a for a in qemu_command(plain, tmp_path / "c", tmp_path / "r") if "pflash" in a]
+    assert [a for a in qemu_command(uefi, tmp_path / "c", tmp_path / "r") if "pflash" in a] == [
+        f"if=pflash,format=raw,unit=0,readonly=on,file={tmp_path / 'code'}",
+        f"if=pflash,format=raw,unit=1,file={tmp_path / 'vars'}",
+    ]
+
+
+def test_sig_kernel_inputs_are_the_reference_without_kasan_and_trust_the_test_key(tmp_path: Path) -> None:
+    """Offline: what `make sig-kernel` would build, in a fresh cache (the key is made there, never in the repo)."""
+    from nqgen import reprokernel
+    from nqgen.errors import InputError
+    from nqgen.kernels.kconfig import parse_config
+    from nqgen.pkg import sigkernel
+
+    try:
+        ref = reprokernel.load_inputs()
+    except InputError as exc:
+        pytest.skip(str(exc))
+    cache = tmp_path / "cache"
+    assert sigkernel.find_built(cache) is None and not cache.exists()  # looking makes no key
+    inputs = sigkernel.inputs(cache)
+    key, cert = sigkernel.key_paths(cache)
+    assert key.is_file() and cert.is_file() and key.parent.is_relative_to(cache)
+    assert _run(["openssl", "x509", "-noout", "-subject", "-in", str(cert)]).stdout.strip() == (
+        "subject=CN = nqgen test module signing key")
+    want, have = parse_config(ref.fragment_text), parse_config(inputs.fragment_text)
+    assert not [n for n in have if "KASAN" in n]
+    assert {n: v for n, v in want.items() if "KASAN" not in n and n != "CONFIG_MODULE_SIG"}.items() <= have.items()
+    for name in ("CONFIG_MODULE_SIG", "CONFIG_MODULE_SIG_FORCE", "CONFIG_MODULE_SIG_ALL", "CONFIG_MODULE_SIG_SHA256"):
+        assert have[name] == "y"
+    assert have["CONFIG_SYSTEM_TRUSTED_KEYS"] == f'"{cert}"'
+    assert inputs.key != ref.key and inputs.patches == ref.patches
+    assert sigkernel.inputs(cache).key == inputs.key  # the key is made once and reused
+    assert sigkernel.find_built(cache) is None
 
 
 def test_status_warns_about_another_kernel_and_a_foreign_module_file_in_sh_and_python(tmp_path: Path) -> None:

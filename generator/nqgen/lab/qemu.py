@@ -27,6 +27,9 @@ class QemuConfig:
     # qemu -icount shift=N,sleep=off: the guest's clock counts executed instructions (2^N ns each) and skips idle
     # time, so guest-side timings measure the guest's own work, not the host's load (the cost lab uses it)
     icount: int | None = None
+    # UEFI firmware as (code, variable store) pflash images, e.g. OVMF with a key in its db; None: SeaBIOS.
+    # The variable store is written by the firmware: pass a copy.
+    firmware: tuple[Path, Path] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ BASE_APPEND = "console=ttyS0 loglevel=5 oops=panic panic=-1 rdinit=/init"
 
 def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
     append = f"{BASE_APPEND} {cfg.append}".strip()
+    firmware = []
+    if cfg.firmware is not None:
+        code, variables = cfg.firmware
+        firmware = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]  # fmt: skip
     return [
         cfg.qemu,
         "-accel", "tcg",
@@ -73,6 +81,7 @@ def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
         "-serial", f"file:{results}",
         "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04",
         *(["-icount", f"shift={cfg.icount},sleep=off"] if cfg.icount is not None else []),
+        *firmware,
     ]
 
 

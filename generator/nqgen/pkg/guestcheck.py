@@ -193,6 +193,7 @@ def run_guest(
     append: str = "",
     busybox: Path = Path("/bin/busybox"),
     timeout: float = 300.0,
+    firmware: tuple[Path, Path] | None = None,
 ) -> GuestRun:
     """Boot ``image`` with ``host_root`` (a staged host tree: nqgen-status, env files) and load each case."""
     if not busybox.is_file():
@@ -228,10 +229,11 @@ def run_guest(
     work.mkdir(parents=True, exist_ok=True)
     initrd = work / "initrd.cpio"
     initrd.write_bytes(cpio.bytes())
-    outcome = boot(
-        QemuConfig(kernel=kernel.boot_path, initrd=initrd, smp=2, memory="1G", timeout=timeout, append=append),
-        work,
-    )
+    # UEFI boots the bzImage through its EFI stub (the firmware's variables, db included, are then the kernel's)
+    boot_image = image if firmware else kernel.boot_path
+    cfg = QemuConfig(kernel=boot_image, initrd=initrd, smp=2, memory="1G", timeout=timeout, append=append,
+                     firmware=firmware)  # fmt: skip
+    outcome = boot(cfg, work)
     parsed, final_text, final_rc, dep_failures, done = parse(outcome.results)
     if not outcome.console.strip():
         raise LabError(f"the guest kernel printed nothing: {outcome.qemu_output.strip()[-200:]}")
