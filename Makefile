@@ -92,7 +92,7 @@ node: deps
 		--out $(OUT)-node
 
 node-repro: repro-kernel
-	$(PY) -m nqgen.lab.scenarios.node --target repro --out $(OUT)-node-repro
+	$(PY) -m nqgen.lab.scenarios.node --target repro --lookups 400 --out $(OUT)-node-repro
 
 # The reference kernel's variant that enforces module signatures and trusts nqgen's test key (tests/test_pkg.py).
 sig-kernel: deps
