@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * nq_nfq.h: the raw-netlink NFQUEUE pieces the lab's consumers share (nq_queue, nq_nfqpool).
+ * The raw-netlink NFQUEUE pieces the lab's consumers share (nq_queue, nq_nfqpool).
  *
  * No libraries (the programs link fully static): open a NETLINK_NETFILTER socket with a large
  * receive buffer, bind a queue (metadata copy mode, a long queue), accept a packet, and walk a
@@ -68,7 +68,8 @@ static inline int nq_nfq_request_ack(int fd, struct nq_nfq_req *r)
 
 		if (n < 0)
 			return -errno;
-		for (h = (struct nlmsghdr *)buf; NLMSG_OK(h, (unsigned int)n); h = NLMSG_NEXT(h, n)) {
+		for (h = (struct nlmsghdr *)buf; NLMSG_OK(h, (unsigned int)n);
+		     h = NLMSG_NEXT(h, n)) {
 			if (h->nlmsg_type == NLMSG_ERROR && h->nlmsg_seq == r->nlh.nlmsg_seq)
 				return ((struct nlmsgerr *)NLMSG_DATA(h))->error;
 		}
@@ -132,9 +133,10 @@ static inline int nq_nfq_accept(int fd, unsigned short q, unsigned int id)
 	return send(fd, &r, r.nlh.nlmsg_len, 0) < 0 ? -errno : 0;
 }
 
-/* Call fn(ctx, queue, id) for every queued packet in a received batch of n bytes; return their number. */
-static inline long nq_nfq_each_packet(char *buf, ssize_t n,
-				      void (*fn)(void *ctx, unsigned short queue, unsigned int id), void *ctx)
+typedef void (*nq_nfq_packet_fn)(void *ctx, unsigned short queue, unsigned int id);
+
+/* Call fn(ctx, queue, id) for each queued packet in a batch of n bytes; return their number. */
+static inline long nq_nfq_each_packet(char *buf, ssize_t n, nq_nfq_packet_fn fn, void *ctx)
 {
 	struct nlmsghdr *h;
 	long packets = 0;
@@ -144,7 +146,8 @@ static inline long nq_nfq_each_packet(char *buf, ssize_t n,
 		struct nlattr *a;
 		int rem;
 
-		if ((h->nlmsg_type & 0xff) != NFQNL_MSG_PACKET || (h->nlmsg_type >> 8) != NFNL_SUBSYS_QUEUE)
+		if ((h->nlmsg_type & 0xff) != NFQNL_MSG_PACKET ||
+		    (h->nlmsg_type >> 8) != NFNL_SUBSYS_QUEUE)
 			continue;
 		a = (struct nlattr *)((char *)g + NLMSG_ALIGN(sizeof(*g)));
 		rem = (int)h->nlmsg_len - NLMSG_LENGTH(NLMSG_ALIGN(sizeof(*g)));
