@@ -71,6 +71,35 @@ def _consumer(run: Run) -> str:
     return "in order (1 thread)" if w == 1 else f"pool ({w} threads)"
 
 
+def _fault_family(frames: list[str]) -> str:
+    """The family of the packet a report's stack was handling: ip6_output, nf_nat_ipv6_* ... or ip_output ..."""
+    names = [f.split("+", 1)[0] for f in frames]
+    if any(n.startswith(("ip6", "ipv6", "nf_nat_ipv6", "__ip6")) for n in names):
+        return "ipv6"
+    if any(n.startswith(("ip_", "ipv4", "nf_nat_ipv4", "__ip_")) for n in names):
+        return "ipv4"
+    return "unknown"
+
+
+def kasan_by_family(run: Run) -> dict[str, int]:
+    """KASAN reports of the run (not the kernel's own at boot) by the family their stack shows."""
+    out: dict[str, int] = {}
+    for f in run.get("faults") or []:
+        if f.get("kind") == "KASAN" and f.get("phase") != "boot":
+            fam = _fault_family(list(f.get("frames") or []))
+            out[fam] = out.get(fam, 0) + 1
+    return out
+
+
+def _kasan_cell(run: Run) -> str:
+    total = int(run.get("kasan_reports") or 0)
+    if not total:
+        return "0"
+    by = kasan_by_family(run)
+    parts = [f"{fam[-2:]} {by[fam]}" for fam in ("ipv4", "ipv6", "unknown") if by.get(fam)]
+    return f"{total} ({', '.join(parts)})" if parts else str(total)
+
+
 def _clashes(run: Run) -> str:
     ct = run.get("workload_ct") or {}
     return str(ct.get("clashres", "-"))
@@ -113,7 +142,7 @@ def rows(lab: dict[str, Any]) -> list[list[str]]:
     for r in lab["runs"]:
         name = r["name"] + (f" #{r['repeat']}" if lab.get("repeat", 1) > 1 else "")
         calls = r.get("corrected_calls")
-        out.append([name, _consumer(r), str(r.get("kasan_reports", 0)), _clashes(r), _answered_cell(r, "ipv4"),
+        out.append([name, _consumer(r), _kasan_cell(r), _clashes(r), _answered_cell(r, "ipv4"),
                     _answered_cell(r, "ipv6"), _latency_cell(r), _nat_cell(r), _tftp_cell(r),
                     "-" if calls is None else str(calls), _unload(r)])
     return out
@@ -145,11 +174,21 @@ def node_markdown(lab: dict[str, Any]) -> str:
     ]
     if built:
         lines += [f"Modules this kernel does not ship, built from its own source tree: {', '.join(built)}.", ""]
+    mach = lab.get("machine") or {}
+    if mach:
+        vm = lab.get("vm") or {}
+        lines += [f"Machine: {mach.get('cpu') or 'unknown CPU'}, {mach.get('cores')} cores, {mach.get('qemu')} "
+                  f"({mach.get('accel')}), guest {vm.get('smp')} vCPUs, {vm.get('memory')}; one boot per line "
+                  f"unless numbered. KASAN reports are split by the family their stack shows "
+                  f"(`ip_output` or `ip6_output`).", ""]
     lines.append("| " + " | ".join(HEADER) + " |")
     lines.append("|" + "---|" * len(HEADER))
     for row in rows(lab):
         lines.append("| " + " | ".join(_md(c) for c in row) + " |")
     lines.append("")
+    verdicts = nat_verdicts(lab)
+    if verdicts:
+        lines += ["NAT verdict for the advance-confirm variants (measured, per family):", "", *verdicts, ""]
     for r in lab["runs"]:
         p = problems(r)
         if p:
@@ -159,6 +198,47 @@ def node_markdown(lab: dict[str, Any]) -> str:
             reports = "; ".join(f"`{t}` x{n}" for t, n in titles.items())
             lines.append(f"- {r['name']} kernel reports: {reports}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+ADVANCE = ("advance-confirm", "advance-confirm-corrected")
+
+
+def nat_verdicts(lab: dict[str, Any]) -> list[str]:
+    """Per advance-confirm variant and family: is NAT kept, and does the kernel's unfixed confirm still fault?
+
+    Both variants leave entries the NAT hooks have seen unconfirmed (``nat_unconfirmed``): on this node every
+    pod flow is masqueraded, so what protects those flows is only what the kernel itself does.
+    """
+    out: list[str] = []
+    for r in lab["runs"]:
+        if r.get("strategy") not in ADVANCE:
+            continue
+        deltas = r.get("counter_deltas") or {}
+        by = kasan_by_family(r)
+        tag = r["name"] + (f" #{r['repeat']}" if lab.get("repeat", 1) > 1 else "")
+        counters = ", ".join(f"{k} {deltas[k]}" for k in ("early_confirms", "nat_unconfirmed", "confirm_calls")
+                             if k in deltas)
+        for fam in FAMILIES:
+            ok, planned = answered(r, fam.name)
+            ev = (r.get("nat") or {}).get(fam.name) or {}
+            kept = bool(planned) and ok == planned and ev.get("new_flows", 0) > 0 \
+                and ev.get("masqueraded") == ev.get("new_flows") and not ev.get("queries_from_pod")
+            tftp = (r.get("tftp") or {}).get(fam.name) or {}
+            nat = (f"NAT kept ({ok}/{planned} lookups answered, {ev.get('masqueraded', 0)}/{ev.get('new_flows', 0)} "
+                   f"flows masqueraded, TFTP helper {'ok' if tftp.get('ok') else 'failed'})" if kept else
+                   f"NAT BROKEN ({ok}/{planned} lookups answered, {ev.get('masqueraded', 0)}/"
+                   f"{ev.get('new_flows', 0)} flows masqueraded, {ev.get('queries_from_pod', 0)} queries from the "
+                   "pod's own address)")
+            n = by.get(fam.name, 0)
+            prot = (f"**not protected: {n} KASAN report(s)** from this family's stacks" if n else
+                    "no KASAN report from this family's stacks in this boot")
+            out.append(f"- `{tag}`, {fam.name}: {nat}; {prot}.")
+        if by.get("unknown"):
+            out.append(f"- `{tag}`: {by['unknown']} KASAN report(s) whose stack names no family.")
+        if counters:
+            out.append(f"- `{tag}` counters: {counters} (`nat_unconfirmed`: entries NAT had seen, left to the "
+                       "kernel's own confirm).")
+    return out
 
 
 def terminal_table(lab: dict[str, Any]) -> str:
