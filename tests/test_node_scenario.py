@@ -88,6 +88,12 @@ def test_advance_confirm_nat_verdict_counts_reports_per_family() -> None:
     assert "ipv6: NAT kept" in v6 and "not protected: 2 KASAN" in v6 and "nat_unconfirmed 40" in counters
     assert "ipv4: NAT BROKEN (0/10" in b4 and "20 queries from the pod" in b4 and "no KASAN report" in b4
     assert "ipv6: NAT kept" in b6 and "no KASAN report" in b6
+    # advance-confirm leaves translated flows to the unfixed confirm (documented): its reports are the finding
+    kept["problems"] = ["3 kernel report(s), first: BUG: KASAN: use-after-free in nf_confirm+0x406/0x430"]
+    assert problems(kept) == []
+    oops = dict(kept, faults=[_fault(V4), {"kind": "Oops", "phase": "workload", "title": "BUG: unable to handle"}])
+    assert problems(oops) == kept["problems"]
+    assert problems(dict(kept, strategy="ftrace")) == kept["problems"]
 
 
 def test_dns_data_matches_what_the_client_checks() -> None:

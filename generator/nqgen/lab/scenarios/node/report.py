@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ....natpath import NAT_BREAKING
+from ....natpath import NAT_BREAKING, NAT_UNPROTECTED
 from .topology import FAMILIES
 
 Run = dict[str, Any]
@@ -111,6 +111,12 @@ def _unload(run: Run) -> str:
     return {True: "clean", False: "FAILED", None: "-"}[run.get("unloaded")]
 
 
+def _only_confirm_uaf(run: Run) -> bool:
+    """Every report of the run is KASAN's use-after-free (the bug itself), none of another kind."""
+    faults = [f for f in run.get("faults") or [] if f.get("phase") != "boot"]
+    return bool(faults) and all(f.get("kind") == "KASAN" and "use-after-free" in str(f.get("title")) for f in faults)
+
+
 def problems(run: Run) -> list[str]:
     """Why this run makes the node lab fail (a NAT-breaking strategy may lose lookups: that is its finding)."""
     out = list(run.get("problems") or [])
@@ -118,6 +124,10 @@ def problems(run: Run) -> list[str]:
         out = [p for p in out if "fault" not in p.lower() and "kasan" not in p.lower()]
         if run.get("kasan_reports"):
             return out  # the vulnerable kernel's baseline: the report is the proof, not a lab failure
+    if run.get("strategy") in NAT_UNPROTECTED and _only_confirm_uaf(run):
+        # documented: translated flows are left to the kernel's unfixed confirm; its reports are the measured
+        # verdict on this node (every pod flow is masqueraded), not a failure of the lab
+        out = [p for p in out if "kernel report" not in p]
     breaks_nat = run.get("strategy") in NAT_BREAKING
     for fam in FAMILIES:
         ok, planned = answered(run, fam.name)
