@@ -94,6 +94,12 @@ def test_advance_confirm_nat_verdict_counts_reports_per_family() -> None:
     oops = dict(kept, faults=[_fault(V4), {"kind": "Oops", "phase": "workload", "title": "BUG: unable to handle"}])
     assert problems(oops) == kept["problems"]
     assert problems(dict(kept, strategy="ftrace")) == kept["problems"]
+    # after the unload the health lookups run on the unfixed kernel again: its own report, not the strategy's
+    after = dict(kept, strategy="ftrace", faults=[_fault(V6, phase="after")])
+    assert problems(after) == [] and kasan_by_family(after) == {}
+    assert "0 + 1 after unload" in node_markdown({"kernel": {"release": "r"}, "date": "d", "runs": [after],
+                                                  "workload": {"queue_base": 0, "queue_count": 2, "threads": 4,
+                                                               "lookups": 10, "queue_delay_us": 200}})
 
 
 def test_dns_data_matches_what_the_client_checks() -> None:
