@@ -96,7 +96,8 @@ def kasan_by_family(run: Run) -> dict[str, int]:
 def _kasan_cell(run: Run) -> str:
     loaded, after = kasan_split(run)
     by = kasan_by_family(run)
-    parts = [f"{fam[-2:]} {by[fam]}" for fam in ("ipv4", "ipv6", "unknown") if by.get(fam)]
+    label = {"ipv4": "v4", "ipv6": "v6", "unknown": "family not in stack"}
+    parts = [f"{label[fam]} {by[fam]}" for fam in ("ipv4", "ipv6", "unknown") if by.get(fam)]
     cell = f"{loaded} ({', '.join(parts)})" if loaded and parts else str(loaded)
     return cell + (f" + {after} after unload" if after else "")
 
@@ -254,11 +255,12 @@ def nat_verdicts(lab: dict[str, Any]) -> list[str]:
                    f"{ev.get('new_flows', 0)} flows masqueraded, {ev.get('queries_from_pod', 0)} queries from the "
                    "pod's own address)")
             n = by.get(fam.name, 0)
-            prot = (f"**not protected: {n} KASAN report(s)** from this family's stacks" if n else
-                    "no KASAN report from this family's stacks in this boot")
+            prot = (f"**not protected: {n} KASAN report(s)** whose stack shows {fam.name}" if n else
+                    f"no KASAN report whose stack shows {fam.name}")
             out.append(f"- `{tag}`, {fam.name}: {nat}; {prot}.")
         if by.get("unknown"):
-            out.append(f"- `{tag}`: {by['unknown']} KASAN report(s) whose stack names no family.")
+            out.append(f"- `{tag}`: {by['unknown']} more KASAN report(s) whose stack names no family "
+                       "(the confirm called by `nf_reinject` itself: a packet queued in POST_ROUTING, by this module).")
         if counters:
             out.append(f"- `{tag}` counters: {counters} (`nat_unconfirmed`: entries NAT had seen, left to the "
                        "kernel's own confirm).")
