@@ -95,7 +95,7 @@ node: deps
 		--out $(OUT)-node
 
 node-repro: repro-kernel
-	$(PY) -m nqgen.lab.scenarios.node --target repro --out $(OUT)-node-repro
+	$(PY) -m nqgen.lab.scenarios.node --target repro --lookups 400 --out $(OUT)-node-repro
 
 # RHEL 7.7 (needs `nqgen kernel build rhel77`): the node scenario in full, and the RHEL 7.7 lab tests
 # (advance-confirm under MASQUERADE with today's and the pre-fix code; IPv6 attached late). Minutes under TCG.

@@ -17,7 +17,7 @@ from nqgen import reprokernel
 from nqgen.lab.guest import GuestModule
 from nqgen.lab.kernel import default_cache_dir, resolve_image
 from nqgen.lab.manifest import discover
-from nqgen.lab.scenarios.node.report import answered, node_markdown, problems
+from nqgen.lab.scenarios.node.report import answered, kasan_by_family, nat_verdicts, node_markdown, problems
 from nqgen.lab.scenarios.node.results import nat_evidence
 from nqgen.lab.scenarios.node.runner import NodeConfig, NodeLab, node_json, run_node_lab
 from nqgen.lab.scenarios.node.script import NodePlan, NodeWorkload, render_node_init
@@ -52,6 +52,54 @@ def test_nat_evidence_tells_translated_from_untranslated_flows() -> None:
     assert (v4.new_flows, v4.masqueraded, v4.untranslated) == (2, 1, 1)
     assert (v4.queries_from_node, v4.queries_from_pod) == (1, 1)
     assert (v6.new_flows, v6.masqueraded, v6.untranslated, v6.queries_from_node) == (1, 1, 0, 1)
+
+
+def _fault(frames: list[str], phase: str = "workload") -> dict[str, object]:
+    return {"kind": "KASAN", "phase": phase, "title": "BUG: KASAN: use-after-free in nf_confirm+0x406/0x430",
+            "frames": frames}
+
+
+# top frames exactly as the reference kernel's KASAN reports gave them on the node (pool consumer)
+V4 = ["nf_confirm+0x406/0x430 [nf_conntrack]", "nf_hook_slow+0xa6/0x1c0", "ip_output+0x3a0/0x540",
+      "nf_reinject+0x246/0x6a0"]
+V6 = ["nf_confirm+0x406/0x430 [nf_conntrack]", "ipv6_confirm+0x176/0x3f0 [nf_conntrack]", "nf_hook_slow+0xa6/0x1c0",
+      "ip6_output+0x353/0x420", "nf_reinject+0x246/0x6a0"]
+
+
+def _lk(family: str, ok: int, planned: int = 10) -> dict[str, object]:
+    return {"phase": "workload", "family": family, "ok": ok, "planned": planned, "started": planned, "a_only": 0,
+            "aaaa_only": 0, "wrong": 0, "p50_ms": 1.0, "max_ms": 2.0, "slow_5s": 0}
+
+
+def test_advance_confirm_nat_verdict_counts_reports_per_family() -> None:
+    nat = {"new_flows": 10, "masqueraded": 10, "untranslated": 0, "queries_from_node": 20, "queries_from_pod": 0}
+    kept = {"name": "advance-confirm", "strategy": "advance-confirm", "kind": "mitigation", "kasan_reports": 3,
+            "faults": [_fault(V4), _fault(V6), _fault(V6), _fault(V4, phase="boot")],
+            "lookups": [_lk("ipv4", 10), _lk("ipv6", 10)], "nat": {"ipv4": nat, "ipv6": nat},
+            "tftp": {"ipv4": {"ok": True}, "ipv6": {"ok": True}},
+            "counter_deltas": {"early_confirms": 0, "nat_unconfirmed": 40}}
+    assert kasan_by_family(kept) == {"ipv4": 1, "ipv6": 2}  # the boot-time report is the kernel's own
+    broken = dict(kept, name="advance-confirm-corrected", strategy="advance-confirm-corrected", faults=[],
+                  lookups=[_lk("ipv4", 0), _lk("ipv6", 10)],
+                  nat={"ipv4": dict(nat, masqueraded=0, untranslated=10, queries_from_pod=20), "ipv6": nat})
+    lines = nat_verdicts({"runs": [kept, broken, {"name": "ftrace", "strategy": "ftrace"}]})
+    v4, v6, counters, b4, b6, _ = lines
+    assert "ipv4: NAT kept" in v4 and "not protected: 1 KASAN" in v4
+    assert "ipv6: NAT kept" in v6 and "not protected: 2 KASAN" in v6 and "nat_unconfirmed 40" in counters
+    assert "ipv4: NAT BROKEN (0/10" in b4 and "20 queries from the pod" in b4 and "no KASAN report" in b4
+    assert "ipv6: NAT kept" in b6 and "no KASAN report" in b6
+    # advance-confirm leaves translated flows to the unfixed confirm (documented): its reports are the finding
+    kept["problems"] = ["3 kernel report(s), first: BUG: KASAN: use-after-free in nf_confirm+0x406/0x430"]
+    assert problems(kept) == []
+    oops = dict(kept, faults=[_fault(V4), {"kind": "Oops", "phase": "workload", "title": "BUG: unable to handle"}])
+    assert problems(oops) == kept["problems"]
+    assert problems(dict(kept, strategy="ftrace")) == kept["problems"]
+    # after the unload the health lookups run on the unfixed kernel again: its own report, not the strategy's
+    after = dict(kept, strategy="ftrace", faults=[_fault(V6, phase="after")])
+    assert problems(after) == [] and kasan_by_family(after) == {}
+    assert "0 + 1 after unload" in node_markdown({"kernel": {"release": "r"}, "date": "d", "runs": [after],
+                                                  "workload": {"queue_base": 0, "queue_count": 2, "threads": 4,
+                                                               "lookups": 10, "queue_delay_us": 200}})
 
 
 def test_dns_data_matches_what_the_client_checks() -> None:
@@ -217,8 +265,13 @@ def test_node_scenario_on_the_reference_kernel(tmp_path: Path) -> None:
     assert runs["baseline-nfqueue-pool"]["kasan_reports"] > 0, "the real node did not reproduce the report"
     ft = runs["ftrace"]
     assert ft["kasan_reports"] == 0 and problems(ft) == []
+    assert ft["corrected_calls"] and ft["unloaded"]
     for fam in ("ipv4", "ipv6"):
         assert answered(ft, fam) == (400, 400)
+        # every answer came back through MASQUERADE, and the TFTP helper flow through NAT worked
+        ev = ft["nat"][fam]
+        assert ev["new_flows"] >= 400 and ev["masqueraded"] == ev["new_flows"] and ev["queries_from_pod"] == 0
+        assert ft["tftp"][fam]["ok"], (fam, ft["tftp"])
 
 
 def test_modules_a_kernel_left_out_need_its_source(tmp_path: Path, debian: DebianKernel) -> None:

@@ -14,116 +14,22 @@
  * Usage: nq_nfqpool [-b base] [-c count] [-d delay_us] [-w workers] [-r ready_file]
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <linux/netfilter.h>
-#include <linux/netfilter/nfnetlink.h>
-#include <linux/netfilter/nfnetlink_queue.h>
-#include <linux/netlink.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
-#define BUFSZ (1 << 16)
-#define MAX_HELD (BUFSZ / 64)
+#include "nq_nfq.h"
 
 static volatile sig_atomic_t stop;
-static unsigned int seq;
-static pthread_mutex_t seq_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void on_signal(int sig)
 {
 	(void)sig;
 	stop = 1;
-}
-
-struct req {
-	struct nlmsghdr nlh;
-	struct nfgenmsg nfg;
-	char attrs[64];
-};
-
-static void put_attr(struct req *r, unsigned short type, const void *data, unsigned short len)
-{
-	struct nlattr *a = (struct nlattr *)((char *)r + NLMSG_ALIGN(r->nlh.nlmsg_len));
-
-	a->nla_type = type;
-	a->nla_len = (unsigned short)(NLA_HDRLEN + len);
-	memcpy((char *)a + NLA_HDRLEN, data, len);
-	r->nlh.nlmsg_len = NLMSG_ALIGN(r->nlh.nlmsg_len) + NLA_ALIGN(a->nla_len);
-}
-
-static void init_req(struct req *r, unsigned short msg, unsigned short flags, unsigned short queue)
-{
-	memset(r, 0, sizeof(*r));
-	r->nlh.nlmsg_len = NLMSG_LENGTH(sizeof(struct nfgenmsg));
-	r->nlh.nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | msg;
-	r->nlh.nlmsg_flags = NLM_F_REQUEST | flags;
-	pthread_mutex_lock(&seq_lock);
-	r->nlh.nlmsg_seq = ++seq;
-	pthread_mutex_unlock(&seq_lock);
-	r->nfg.nfgen_family = AF_UNSPEC;
-	r->nfg.version = NFNETLINK_V0;
-	r->nfg.res_id = htons(queue);
-}
-
-/* Send a request with NLM_F_ACK and return the error the kernel acknowledged (0 = success). */
-static int request_ack(int fd, struct req *r)
-{
-	char buf[4096];
-
-	if (send(fd, r, r->nlh.nlmsg_len, 0) < 0)
-		return -errno;
-	for (;;) {
-		ssize_t n = recv(fd, buf, sizeof(buf), 0);
-		struct nlmsghdr *h;
-
-		if (n < 0)
-			return -errno;
-		for (h = (struct nlmsghdr *)buf; NLMSG_OK(h, (unsigned int)n); h = NLMSG_NEXT(h, n)) {
-			if (h->nlmsg_type == NLMSG_ERROR && h->nlmsg_seq == r->nlh.nlmsg_seq)
-				return ((struct nlmsgerr *)NLMSG_DATA(h))->error;
-		}
-	}
-}
-
-static int bind_queue(int fd, unsigned short q)
-{
-	struct nfqnl_msg_config_cmd cmd = { .command = NFQNL_CFG_CMD_BIND };
-	struct nfqnl_msg_config_params params = { .copy_range = htonl(0),
-						   .copy_mode = NFQNL_COPY_META };
-	unsigned int maxlen = htonl(65536);
-	struct req r;
-	int err;
-
-	init_req(&r, NFQNL_MSG_CONFIG, NLM_F_ACK, q);
-	put_attr(&r, NFQA_CFG_CMD, &cmd, sizeof(cmd));
-	err = request_ack(fd, &r);
-	if (err)
-		return err;
-	init_req(&r, NFQNL_MSG_CONFIG, NLM_F_ACK, q);
-	put_attr(&r, NFQA_CFG_PARAMS, &params, sizeof(params));
-	err = request_ack(fd, &r);
-	if (err)
-		return err;
-	init_req(&r, NFQNL_MSG_CONFIG, NLM_F_ACK, q);
-	put_attr(&r, NFQA_CFG_QUEUE_MAXLEN, &maxlen, sizeof(maxlen));
-	return request_ack(fd, &r);
-}
-
-static int verdict(int fd, unsigned short q, unsigned int id)
-{
-	struct nfqnl_msg_verdict_hdr vh = { .verdict = htonl(NF_ACCEPT), .id = id };
-	struct req r;
-
-	init_req(&r, NFQNL_MSG_VERDICT, 0, q);
-	put_attr(&r, NFQA_VERDICT_HDR, &vh, sizeof(vh));
-	return send(fd, &r, r.nlh.nlmsg_len, 0) < 0 ? -errno : 0;
 }
 
 #define RING 4096
@@ -158,7 +64,7 @@ static void *worker(void *arg)
 		pthread_mutex_unlock(&ring_lock);
 		if (delay_us > 0)
 			usleep((useconds_t)delay_us);
-		err = verdict(fd, q, id);
+		err = nq_nfq_accept(fd, q, id);
 		pthread_mutex_lock(&ring_lock);
 		if (err)
 			verdict_errors++;
@@ -168,14 +74,29 @@ static void *worker(void *arg)
 	}
 }
 
+/* hand one read packet to the pool */
+static void enqueue(void *ctx, unsigned short queue, unsigned int id)
+{
+	(void)ctx;
+	pthread_mutex_lock(&ring_lock);
+	if (ring_head - ring_tail < RING) {
+		ring_queue[ring_head % RING] = queue;
+		ring_id[ring_head % RING] = id;
+		ring_head++;
+		pthread_cond_signal(&ring_cond);
+	} else {
+		dropped_ring++;
+	}
+	pthread_mutex_unlock(&ring_lock);
+}
+
 int main(int argc, char **argv)
 {
-	int base = 0, count = 1, workers = 1, opt, i, big = 16 << 20, one = 1;
+	int base = 0, count = 1, workers = 1, opt, i;
 	int bound = 0, bind_error = 0;
 	long packets = 0, enobufs = 0;
 	const char *ready = NULL;
-	struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
-	static char buf[BUFSZ];
+	static char buf[NQ_NFQ_BUFSZ];
 	pthread_t th[MAX_WORKERS];
 	struct sigaction act;
 
@@ -210,16 +131,13 @@ int main(int argc, char **argv)
 	sigaction(SIGTERM, &act, NULL);
 	sigaction(SIGINT, &act, NULL);
 
-	fd = socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER);
-	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		bind_error = -errno;
+	fd = nq_nfq_open();
+	if (fd < 0) {
+		bind_error = fd;
 		goto out;
 	}
-	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof(big)) < 0)
-		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big));
-	setsockopt(fd, SOL_NETLINK, NETLINK_NO_ENOBUFS, &one, sizeof(one));
 	for (i = 0; i < count; i++) {
-		int err = bind_queue(fd, (unsigned short)(base + i));
+		int err = nq_nfq_bind_queue(fd, (unsigned short)(base + i));
 
 		if (err) {
 			bind_error = err;
@@ -237,7 +155,6 @@ int main(int argc, char **argv)
 	}
 	while (!stop && bound == count) {
 		struct pollfd p = { .fd = fd, .events = POLLIN };
-		struct nlmsghdr *h;
 		ssize_t n;
 
 		if (poll(&p, 1, 100) <= 0)
@@ -248,37 +165,7 @@ int main(int argc, char **argv)
 				enobufs++;
 			continue;
 		}
-		for (h = (struct nlmsghdr *)buf; NLMSG_OK(h, (unsigned int)n); h = NLMSG_NEXT(h, n)) {
-			struct nfgenmsg *g = NLMSG_DATA(h);
-			struct nlattr *a;
-			int rem;
-
-			if ((h->nlmsg_type & 0xff) != NFQNL_MSG_PACKET ||
-			    (h->nlmsg_type >> 8) != NFNL_SUBSYS_QUEUE)
-				continue;
-			a = (struct nlattr *)((char *)g + NLMSG_ALIGN(sizeof(*g)));
-			rem = (int)h->nlmsg_len - NLMSG_LENGTH(NLMSG_ALIGN(sizeof(*g)));
-			while (rem >= (int)NLA_HDRLEN && a->nla_len >= NLA_HDRLEN && a->nla_len <= rem) {
-				if ((a->nla_type & NLA_TYPE_MASK) == NFQA_PACKET_HDR) {
-					struct nfqnl_msg_packet_hdr *ph = (void *)((char *)a + NLA_HDRLEN);
-
-					packets++;
-					pthread_mutex_lock(&ring_lock);
-					if (ring_head - ring_tail < RING) {
-						ring_queue[ring_head % RING] = ntohs(g->res_id);
-						ring_id[ring_head % RING] = ph->packet_id;
-						ring_head++;
-						pthread_cond_signal(&ring_cond);
-					} else {
-						dropped_ring++;
-					}
-					pthread_mutex_unlock(&ring_lock);
-					break;
-				}
-				rem -= NLA_ALIGN(a->nla_len);
-				a = (struct nlattr *)((char *)a + NLA_ALIGN(a->nla_len));
-			}
-		}
+		packets += nq_nfq_each_packet(buf, n, enqueue, NULL);
 	}
 	pthread_mutex_lock(&ring_lock);
 	stop = 1;

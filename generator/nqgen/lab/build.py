@@ -12,6 +12,7 @@ from ..errors import BuildError, InputError
 from .guestapi import GuestApi
 
 GUEST_PROGRAMS = ("nq_udprace", "nq_queue", "nq_ctevents", "nq_pktcost")
+GUEST_HEADERS = ("nq_nfq.h",)  # shared by the NFQUEUE consumers (nq_queue, the node's nq_nfqpool)
 HELPER_MODULE = "nqlab_ct"
 DETECTOR_MODULE = "nqlab_detect"
 
@@ -21,11 +22,18 @@ def guest_source(name: str) -> str:
     return resources.files("nqgen").joinpath("guest", name).read_text()
 
 
+def stage_guest_headers(dest: Path) -> None:
+    """Write the guest programs' shared headers next to their sources in ``dest``."""
+    for name in GUEST_HEADERS:
+        (dest / name).write_text(guest_source(name))
+
+
 def build_programs(dest: Path) -> dict[str, Path]:
     """Compile every guest program with ``gcc -static -O2 -Wall -Werror``; name -> binary."""
     if shutil.which("gcc") is None:
         raise BuildError("gcc not found: the lab compiles its guest programs")
     dest.mkdir(parents=True, exist_ok=True)
+    stage_guest_headers(dest)
     out: dict[str, Path] = {}
     for name in GUEST_PROGRAMS:
         src = dest / f"{name}.c"

@@ -113,6 +113,8 @@ def _progress(verbose: bool) -> Any:
                    "conntrack -E, glibc's resolver) in network namespaces.")
 @click.option("--lookups", type=click.IntRange(1, 400), default=200, show_default=True,
               help="node scenario: getaddrinfo lookups per family.")
+@click.option("--lookup-deadline", type=click.IntRange(5, 3600), default=30, show_default=True,
+              help="node scenario: seconds after which no new lookup starts (a KASAN kernel needs more).")
 def lab(
     out: Path,
     kernel: Path | None,
@@ -135,6 +137,7 @@ def lab(
     detector: bool,
     scenario: str,
     lookups: int,
+    lookup_deadline: int,
 ) -> None:
     """Boot the kernel under qemu (TCG): baselines, then one boot per generated strategy, and report."""
     if not out.is_dir():
@@ -158,7 +161,8 @@ def lab(
         from .scenarios.node.command import run_node_command
         from .scenarios.node.script import NodeWorkload
 
-        run_node_command(out, image, modules_dir, kdir, manifests, NodeWorkload(lookups=lookups), smp, memory,
+        workload = NodeWorkload(lookups=lookups, deadline_s=lookup_deadline)
+        run_node_command(out, image, modules_dir, kdir, manifests, workload, smp, memory,
                          max(timeout, 400.0), baselines, repeat, append)
         return
     config = LabConfig(

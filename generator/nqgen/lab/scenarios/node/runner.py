@@ -12,7 +12,7 @@ from typing import Any
 
 from ....errors import BuildError, InputError
 from ... import build, guestapi
-from ...build import _first_error, guest_source
+from ...build import _first_error, guest_source, stage_guest_headers
 from ...guest import GuestModule, GuestPlan, Workload
 from ...initramfs import Cpio
 from ...kernel import KernelImage
@@ -88,6 +88,7 @@ def plan_node_runs(config: NodeConfig, manifests: list[Manifest]) -> list[NodeSp
 def _build_programs(dest: Path) -> tuple[Path, Path]:
     """nq_nfqpool (static) and nq_lookup (dynamic: glibc's resolver is the point)."""
     dest.mkdir(parents=True, exist_ok=True)
+    stage_guest_headers(dest)
     out = []
     for name, static in (("nq_nfqpool", True), ("nq_lookup", False)):
         src = dest / f"{name}.c"
