@@ -448,7 +448,7 @@ def test_bzimage_boots_through_its_extracted_pvh_vmlinux(tmp_path: Path) -> None
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 def test_guest_programs_compile_static_without_warnings(tmp_path: Path) -> None:
     programs = build_programs(tmp_path)
-    assert set(programs) == {"nq_udprace", "nq_queue", "nq_ctevents"}
+    assert set(programs) == {"nq_udprace", "nq_queue", "nq_ctevents", "nq_pktcost"}
     for binary in programs.values():
         assert b"/ld-linux" not in binary.read_bytes()[:4096]  # no interpreter: runs in the bare initramfs
 
