@@ -52,13 +52,31 @@ FUZZ_EXAMPLES ?= 10000
 fuzz: deps
 	NQGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
-# Load/unload soak of every strategy under churn on the Debian kernel (issue 12): SOAK_CYCLES per strategy.
+# Load/unload soak of every strategy under churn (issue 12): SOAK_CYCLES per strategy, on the Debian kernel
+# ($(OUT)-soak) and, when it is built (make repro-kernel), on the KASAN reference kernel ($(OUT)-soak-ref).
+# SOAK_KERNELS=debian or =reference runs one; SOAK_ARGS goes to nqgen.lab.soak (e.g. --strategy ftrace).
 SOAK_CYCLES ?= 200
+SOAK_KERNELS ?= debian reference
+SOAK_ARGS ?=
 soak: deps
-	krel=$$(scripts/debian-kernel) && \
-	$(NQGEN) --strategy all --kdir /lib/modules/$$krel/build --out $(OUT)-soak && \
-	nice -n 10 $(MAKE) -C $(OUT)-soak NQGEN="$(abspath $(NQGEN))" && \
-	nice -n 10 $(PY) -m nqgen.lab.soak --out $(OUT)-soak --cycles $(SOAK_CYCLES)
+	rc=0; \
+	if [[ " $(SOAK_KERNELS) " == *" debian "* ]]; then \
+	  krel=$$(scripts/debian-kernel) && \
+	  $(NQGEN) --strategy all --kdir /lib/modules/$$krel/build --out $(OUT)-soak && \
+	  nice -n 10 $(MAKE) -C $(OUT)-soak NQGEN="$(abspath $(NQGEN))" && \
+	  nice -n 10 $(PY) -m nqgen.lab.soak --out $(OUT)-soak --cycles $(SOAK_CYCLES) $(SOAK_ARGS) || rc=$$?; \
+	fi; \
+	if [[ " $(SOAK_KERNELS) " == *" reference "* ]]; then \
+	  if ref=$$($(PY) -m nqgen.reprokernel --check --print); then \
+	    eval "$$ref" && \
+	    $(NQGEN) --strategy all --kdir $$KDIR --module $$MODULES_DIR/kernel/net/netfilter/nf_conntrack.ko \
+	      --out $(OUT)-soak-ref && \
+	    nice -n 10 $(MAKE) -C $(OUT)-soak-ref NQGEN="$(abspath $(NQGEN))" && \
+	    nice -n 10 $(PY) -m nqgen.lab.soak --out $(OUT)-soak-ref --cycles $(SOAK_CYCLES) --kernel $$IMAGE \
+	      --modules-dir $$MODULES_DIR --kdir $$KDIR --timeout 36000 $(SOAK_ARGS) || rc=$$?; \
+	  else echo "make soak: the reference kernel is not built (make repro-kernel): its soak was not run"; rc=1; fi; \
+	fi; \
+	exit $$rc
 
 # Ratios measured side by side with binutils in one run: tables on stdout, JSON in out-bench/bench.json.
 bench: deps
@@ -110,4 +128,4 @@ sig-kernel: deps
 	$(PY) -m nqgen.pkg.sigkernel
 
 clean:
-	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* $(OUT)-bench $(OUT)-node $(OUT)-node-repro $(OUT)-node-rhel77 .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(OUT) $(OUT)-repro $(OUT)-repro-rhel* $(OUT)-soak $(OUT)-soak-ref $(OUT)-bench $(OUT)-node $(OUT)-node-repro $(OUT)-node-rhel77 .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,8 @@
  *
  * {{ optional | map(attribute="function") | join(", ") }} in [{{ optional | map(attribute="module") | unique | join("], [") }}] is optional: that module need
  * not be loaded (IPv4 is protected without it). A module notifier attaches
- * the target when the module has loaded, and pins it like the others.
+ * the target when the module has loaded (after checking its build ID, as at
+ * load), and pins it like the others.
 {%- endif %}
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -30,6 +31,7 @@
 #include <net/netfilter/nf_conntrack_core.h>
 
 #include "nq_resolve.h"
+#include "nq_target_id.h"
 
 struct nq_target nq_targets[NQ_NTARGETS] = {
 {%- for f in cookiecutter.target.families %}
@@ -229,7 +231,8 @@ static int nq_module_event(struct notifier_block *nb, unsigned long event,
 		if (!t->optional || t->addr || nq_pending[i] ||
 		    strcmp(mod->name, t->module))
 			continue;
-		addr = nq_find(i);
+		/* the build nqgen generated for, as at load (one line if not) */
+		addr = nq_target_id_check_late(t->module) ? 0 : nq_find(i);
 		if (!addr) {
 			pr_err("%s: [%s] loaded, but %s cannot be used: %s stays unprotected\n",
 			       t->family, t->module, t->name, t->family);

@@ -90,7 +90,6 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
             }
         )
     ipv4 = profile.confirm.get("ipv4")
-    mod = profile.module
     return {
         "patch_nf_confirm": patch_nf_confirm(profile),
         "release": profile.release,
@@ -118,14 +117,36 @@ def template_target(profile: KernelProfile, kdir: str) -> dict[str, Any]:
         "resolve": resolve_method(profile),
         "confirm_module": ipv4.module if ipv4 else profile.module.name,
         "families": families,
-        # the build the module checks at load (kmod/nq_target_id.c): build ID of the module file nqgen read
-        "id_module": mod.name,
-        "id_build_id": mod.build_id or "",
+        # the builds the module checks (kmod/nq_target_id.c): build IDs of the module files nqgen read
+        "id_checks": build_id_checks(profile, families),
         "id_kernel_read": kernel_read_form(profile, kdir),
-        "id_notes_path": "/sys/kernel/notes"
-        if mod.name == "vmlinux"
-        else f"/sys/module/{mod.name}/notes/.note.gnu.build-id",
     }
+
+
+def build_id_checks(profile: KernelProfile, families: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every module the generated module attaches to, with the GNU build ID nqgen read from its file: the
+    module of each confirm target (an optional one, RHEL 7's nf_conntrack_ipv6, is checked when it is loaded:
+    at load if it is there, else before attaching to it) and nf_conntrack, whose exported confirm and struct
+    layouts every strategy relies on. Modules without a known build ID are left out (nothing to compare)."""
+    mod = profile.module
+    if mod.name == "vmlinux":  # conntrack built in: the kernel's own notes
+        return [{"module": "vmlinux", "build_id": mod.build_id, "optional": False, "path": "/sys/kernel/notes"}] \
+            if mod.build_id else []
+    ids = dict(profile.build_ids)
+    if mod.build_id:
+        ids.setdefault(mod.name, mod.build_id)
+    optional = {f["module"]: bool(f["optional"]) for f in families}
+    order = [mod.name, *(f["module"] for f in families), "nf_conntrack"]
+    checks = []
+    for name in dict.fromkeys(order):
+        if name in ids:
+            checks.append({
+                "module": name,
+                "build_id": ids[name],
+                "optional": optional.get(name, False),
+                "path": f"/sys/module/{name}/notes/.note.gnu.build-id",
+            })  # fmt: skip
+    return checks
 
 
 def cookiecutter_context(profile: KernelProfile, strategy: str, kdir: str) -> dict[str, Any]:

@@ -163,6 +163,7 @@ class SymbolFacts:
     code: ConfirmCodeFacts
     sources: dict[str, str]
     warnings: tuple[str, ...]
+    build_ids: dict[str, str]  # module name -> GNU build ID of every module file read that has one
 
 
 def build_profile(inputs: ProfileInputs) -> KernelProfile:
@@ -188,6 +189,7 @@ def build_profile(inputs: ProfileInputs) -> KernelProfile:
         features=features,
         sources=facts.sources,
         warnings=tuple(warnings),
+        build_ids=facts.build_ids,
     )
 
 
@@ -266,6 +268,7 @@ def collect_symbol_facts(inputs: ProfileInputs) -> SymbolFacts:
         code=code,
         sources=sources,
         warnings=tuple(warnings),
+        build_ids={i.name: i.build_id for i in images if i.build_id},
     )
 
 

@@ -168,6 +168,9 @@ class KernelProfile:
     features: KernelFeatures
     sources: dict[str, str] = field(default_factory=dict)  # kind -> path of every input used
     warnings: tuple[str, ...] = ()
+    # module name -> GNU build ID (hex) of every conntrack module file read (RHEL 7: nf_conntrack,
+    # nf_conntrack_ipv4, nf_conntrack_ipv6): the builds the generated module checks at load and at attach
+    build_ids: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(profile_to_dict(self), indent=2, sort_keys=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shlex
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -30,10 +31,16 @@ from .initramfs import Cpio
 from .manifest import Manifest
 from .modtree import ModuleFile
 from .qemu import QemuOutcome
-from .results import find_faults, parse_ct_stat
+from .results import Fault, find_faults, parse_ct_stat
 from .runner import DEVICE_NODES, Guest, LabConfig, boot_initramfs
 
 SOAK_HELPER = "nqsoak_ct"
+MARK_ON = "nqsoak: mitigation in force, cycle"  # written to /dev/kmsg once loaded (livepatch: transition done)
+MARK_OFF = "nqsoak: mitigation going, cycle"  # ... just before the unload starts
+# The reference kernel's own bug (the unfixed inline confirm on a freed clash loser), as KASAN names it
+KNOWN_BUG_RE = re.compile(r"KASAN: use-after-free in (nf_confirm|ipv4_confirm|ipv6_confirm|nf_ct_deliver_cached_events)"
+                          r"\+0x[0-9a-f]+/0x[0-9a-f]+ \[nf_conntrack\]")  # fmt: skip
+_MARK_RE = re.compile(r"^\[\s*(\d+\.\d+)\].*nqsoak: mitigation (in force|going), cycle (\d+)")
 GUEST_DIR = "/nqlab"
 EXIT_DONE = 0
 
@@ -98,7 +105,7 @@ def _unload_cmd(m: SoakModule) -> str:
     return f"DRC=0; LPW=0; rmmod {m.name} 2>>/tmp/err; RRC=$?"
 
 
-def _prologue(helper_params: str, deps: list[ModuleFile], release: str) -> list[str]:
+def _prologue(helper_params: str | None, deps: list[ModuleFile], release: str) -> list[str]:
     lines = [_PRELUDE.replace("__TTY__", RESULT_TTY), _STATE]
     lines.append("ip link set lo up")
     lines.append("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null")
@@ -108,7 +115,8 @@ def _prologue(helper_params: str, deps: list[ModuleFile], release: str) -> list[
     lines.append("/bin/nq_ctevents -r /tmp/ev.ready > /tmp/ev.json 2>&1 &")
     lines.append("EV=$!")
     lines.append("wait_file /tmp/ev.ready")
-    lines.append(f"load helper {SOAK_HELPER} {GUEST_DIR}/{SOAK_HELPER}.ko false {helper_params} || finish 4")
+    if helper_params is not None:  # None: a boot without the helper (no netns churn, no hook table dump)
+        lines.append(f"load helper {SOAK_HELPER} {GUEST_DIR}/{SOAK_HELPER}.ko false {helper_params} || finish 4")
     return lines
 
 
@@ -147,7 +155,10 @@ def soak_init(
         "\tc=$((c + 1)); : > /tmp/err; s=$(up)",
         f"\t{_load_cmd(mod)} 2>>/tmp/err; LRC=$?",
         f"\t{wait_enable}",
+        # markers in the kernel log: a report between these two lines came while the mitigation was in force
+        f'\t[ $LRC = 0 ] && echo "{MARK_ON} $c" > /dev/kmsg',
         f"\tusleep {hold_ms * 1000}",
+        f'\techo "{MARK_OFF} $c" > /dev/kmsg',
         "\tu=$(up)",
         f"\t{_unload_cmd(mod)}",
         "\te=$(up)",
@@ -174,7 +185,7 @@ def soak_init(
 
 def steps_init(
     steps: list[tuple[str, SoakModule]], deps: list[ModuleFile], release: str,
-    consumer: tuple[int, int, int] | None = None,
+    consumer: tuple[int, int, int] | None = None, helper: bool = True,
 ) -> str:  # fmt: skip
     """The /init of a boot that loads/unloads modules in order and records each result.
 
@@ -182,7 +193,7 @@ def steps_init(
     traffic's record is named busy<i>) and "unload-drained" (the same, but first enable=0 and wait until
     /proc/net/netfilter/nfnetlink_queue holds nothing). ``consumer`` = (queue base, count, delay in us) runs an NFQUEUE
     consumer for the whole boot."""
-    lines = [*_prologue("queue=-1", deps, release), "state before"]
+    lines = [*_prologue("queue=-1" if helper else None, deps, release), "state before"]
     if consumer is not None:
         qb, qc, delay = consumer
         lines += [f"/bin/nq_queue -b {qb} -c {qc} -d {delay} -r /tmp/q.ready > /tmp/q.json 2>&1 &", "QC=$!",
@@ -243,6 +254,12 @@ class BootRecord:
     records: list[dict[str, Any]]
     states: dict[str, GuestState] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
+    fault_items: list[Fault] = field(default_factory=list)
+    in_force: list[tuple[float, float]] = field(default_factory=list)  # kernel-log times, mitigation in force
+
+    def was_in_force(self, t: float | None) -> bool:
+        """Whether kernel time ``t`` falls between a cycle's in-force and going markers (unknown time: no)."""
+        return t is not None and any(s <= t <= e for s, e in self.in_force)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("type") == kind]
@@ -277,19 +294,45 @@ def parse_boot(outcome: QemuOutcome) -> BootRecord:
             modules=_text(r.get("mods_b64")),
             ct=parse_ct_stat(ct) if ct else None,
         )
-    rec.faults = [f"{f.kind}: {f.title}" for f in find_faults(outcome.console)]
+    rec.fault_items = find_faults(outcome.console)
+    rec.faults = [f"{f.kind}: {f.title}" for f in rec.fault_items]
+    rec.in_force = in_force_windows(outcome.console)
     return rec
+
+
+def in_force_windows(console: str) -> list[tuple[float, float]]:
+    """The (start, end) kernel-log times between each cycle's in-force and going markers."""
+    windows: list[tuple[float, float]] = []
+    start: float | None = None
+    for line in console.replace("\r", "").splitlines():
+        m = _MARK_RE.match(line)
+        if m is None:
+            continue
+        if m.group(2) == "in force":
+            start = float(m.group(1))
+        elif start is not None:
+            windows.append((start, float(m.group(1))))
+            start = None
+    return windows
+
+
+def is_known_bug(fault: Fault) -> bool:
+    """The unfixed kernel's own use-after-free (a KASAN report in conntrack's confirm), not one of ours."""
+    return any(KNOWN_BUG_RE.search(t) for t in (fault.title, fault.text.split("\n", 1)[0]))
 
 
 class AbuseLab:
     """A built guest (programs, helper, the kernel's modules) that boots abuse scenarios."""
 
-    def __init__(self, config: LabConfig, work: Path) -> None:
+    def __init__(self, config: LabConfig, work: Path, helper: bool = True) -> None:
+        """``helper=False``: no soak helper (it is written for 4.10+'s per-netns hooks): step boots only."""
         self.config = config
         self.work = work
         self.guest = Guest(config, work)
-        self.helper = build.build_module(
-            build.guest_source(f"{SOAK_HELPER}.c"), SOAK_HELPER, config.kdir, work / SOAK_HELPER
+        self.helper = (
+            build.build_module(build.guest_source(f"{SOAK_HELPER}.c"), SOAK_HELPER, config.kdir, work / SOAK_HELPER)
+            if helper
+            else None
         )
 
     def _initramfs(self, init: str, modules: list[SoakModule], deps: list[ModuleFile]) -> bytes:
@@ -310,32 +353,41 @@ class AbuseLab:
         for mod in deps:
             c.file(f"{moddir}/{mod.plain_relpath}", g.module_bytes(mod))
         c.file(f"{moddir}/modules.dep", "".join(f"{m.plain_relpath}:\n" for m in deps).encode())
-        c.copy(f"{GUEST_DIR.lstrip('/')}/{SOAK_HELPER}.ko", self.helper)
+        if self.helper is not None:
+            c.copy(f"{GUEST_DIR.lstrip('/')}/{SOAK_HELPER}.ko", self.helper)
         for m in modules:
             c.copy(m.guest_path.lstrip("/"), m.ko)
         c.file("init", init.encode(), 0o755)
         return c.bytes()
 
     def deps(self, modules: list[SoakModule]) -> list[ModuleFile]:
-        return self.guest.closure([self.helper, *(m.ko for m in modules)])
+        helper = [self.helper] if self.helper is not None else []
+        return self.guest.closure([*helper, *(m.ko for m in modules)])
 
     def boot(
         self, tag: str, init: str, modules: list[SoakModule], deps: list[ModuleFile], timeout: float
     ) -> BootRecord:
         initramfs = self._initramfs(init, modules, deps)
-        outcome = boot_initramfs(self.config, initramfs, self.work / tag, tag, timeout=timeout)
+        # no_timer_check: a loaded TCG host can fail the IO-APIC timer check and panic at boot (seen here)
+        outcome = boot_initramfs(self.config, initramfs, self.work / tag, tag, timeout=timeout,
+                                 append="no_timer_check " + self.config.append)
         return parse_boot(outcome)
 
     def soak(
         self, mod: SoakModule, cycles: int, *, queue: tuple[int, int] | None, hold_ms: int = 150,
-        timeout: float = 3600.0,
+        timeout: float = 3600.0, tolerate_known_bug_in_force: bool = False,
     ) -> SoakResult:  # fmt: skip
-        """``cycles`` load/unload cycles of ``mod`` under churn; ``queue`` is the module's own (base, count)."""
+        """``cycles`` load/unload cycles of ``mod`` under churn; ``queue`` is the module's own (base, count).
+        Needs the helper.
+        ``tolerate_known_bug_in_force``: the strategy only narrows the window (advance-confirm): the kernel's own
+        use-after-free while it is loaded is counted, not a failure."""
+        if self.helper is None:
+            raise InputError("the soak needs its helper module (AbuseLab(helper=True))")
         deps = self.deps([mod])
         helper_queue = -1 if queue is not None else 0
         init = soak_init(mod, cycles, hold_ms, helper_queue, queue or (0, 1), deps, self.guest.release)
         rec = self.boot(f"soak-{mod.name}", init, [mod], deps, timeout)
-        return SoakResult.of(mod.name, cycles, rec)
+        return SoakResult.of(mod.name, cycles, rec, tolerate_known_bug_in_force)
 
     def steps(
         self, tag: str, steps: list[tuple[str, SoakModule]], timeout: float = 600.0,
@@ -343,7 +395,8 @@ class AbuseLab:
     ) -> BootRecord:  # fmt: skip
         modules = list({m.guest_path: m for _, m in steps}.values())
         deps = self.deps(modules)
-        return self.boot(tag, steps_init(steps, deps, self.guest.release, consumer), modules, deps, timeout)
+        init = steps_init(steps, deps, self.guest.release, consumer, helper=self.helper is not None)
+        return self.boot(tag, init, modules, deps, timeout)
 
 
 @dataclass
@@ -365,7 +418,13 @@ class SoakResult:
     chunks_overlapping_unload: int = 0
     netns_created: int = 0
     queue_consumers: int = 0
-    reports: list[str] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)  # every kernel report of the boot
+    # the unfixed kernel's own use-after-free (reference kernel) while no mitigation was in force: expected there
+    known_bug_unmitigated: int = 0
+    known_bug_in_force: int = 0  # ... while the mitigation was in force: a failure, except for advance-confirm
+    tolerate_known_bug_in_force: bool = False  # advance-confirm still calls the unfixed confirm: it only narrows
+    other_reports: list[str] = field(default_factory=list)  # anything else (Oops, WARNING, lockdep, other KASAN)
+    in_force_windows: int = 0  # marker pairs found in the kernel log (one per successful load)
     refcnt_before: int = -1
     refcnt_after: int = -1
     hooks_same: bool = False
@@ -387,8 +446,12 @@ class SoakResult:
             p.append(f"{self.cycles}/{self.cycles_planned} cycles")
         if self.load_failures or self.unload_failures:
             p.append(f"{self.load_failures} load and {self.unload_failures} unload failures")
-        if self.reports:
-            p.append(f"{len(self.reports)} kernel reports")
+        if self.other_reports:
+            p.append(f"{len(self.other_reports)} kernel reports: {'; '.join(self.other_reports[:3])}")
+        if self.in_force_windows != self.cycles - self.load_failures:
+            p.append(f"{self.in_force_windows} in-force markers for {self.cycles - self.load_failures} loads")
+        if self.known_bug_in_force and not self.tolerate_known_bug_in_force:
+            p.append(f"{self.known_bug_in_force} use-after-free reports while the mitigation was in force")
         if self.lost_outside_unload:
             p.append(f"{self.lost_outside_unload} datagrams lost outside unload windows")
         if self.refcnt_after != self.refcnt_before:
@@ -404,10 +467,19 @@ class SoakResult:
         return p + self.errors
 
     @staticmethod
-    def of(module: str, cycles: int, rec: BootRecord) -> SoakResult:
+    def of(module: str, cycles: int, rec: BootRecord, tolerate_known_bug_in_force: bool = False) -> SoakResult:
         r = SoakResult(module=module, cycles_planned=cycles, seconds=round(rec.outcome.seconds, 1))
         r.completed = rec.done
         r.reports = rec.faults
+        r.tolerate_known_bug_in_force = tolerate_known_bug_in_force
+        r.in_force_windows = len(rec.in_force)
+        for f, text in zip(rec.fault_items, rec.faults, strict=True):
+            if not is_known_bug(f):
+                r.other_reports.append(text)
+            elif rec.was_in_force(f.time):
+                r.known_bug_in_force += 1
+            else:
+                r.known_bug_unmitigated += 1
         cyc = rec.of_type("cycle")
         r.cycles = len(cyc)
         r.load_failures = sum(1 for c in cyc if c.get("load_rc") != 0)
@@ -461,13 +533,15 @@ class SoakResult:
         return {**asdict(self), "problems": self.problems}
 
 
-def make_lab(config: LabConfig, work_dir: Path | None = None) -> tuple[AbuseLab, tempfile.TemporaryDirectory[str]]:
+def make_lab(
+    config: LabConfig, work_dir: Path | None = None, helper: bool = True
+) -> tuple[AbuseLab, tempfile.TemporaryDirectory[str]]:
     if not (config.modules_dir / "modules.dep").is_file():
         raise InputError(f"{config.modules_dir}/modules.dep not found")
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="nqgen-abuse-", dir=work_dir)
-    return AbuseLab(config, Path(tmp.name)), tmp
+    return AbuseLab(config, Path(tmp.name), helper), tmp
 
 
 def shadow_modules_dir(modules_dir: Path, replace: dict[str, Path], dest: Path) -> Path:
@@ -503,8 +577,11 @@ def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
         "Racing UDP (IPv4+IPv6) in chunks, netns churn with conntrack in every netns, an NFQUEUE consumer "
         "started and killed in a loop (queue with bypass), a ctnetlink listener. Losses are attributed to the "
         "traffic chunk they happened in: chunks overlapping a consumer exit (the kernel drops what a consumer "
-        "held), else an unload window, else neither (a failure).\n\n"
-        "| strategy | cycles | datagrams | lost: consumer exits / unloads / elsewhere | netns | reports | "
+        "held), else an unload window, else neither (a failure). Reports: the unfixed kernel's own use-after-free "
+        "(reference kernel) outside / inside the windows where the mitigation was in force (kernel-log markers), "
+        "and any other report (Oops, WARNING, lockdep, other KASAN).\n\n"
+        "| strategy | cycles | datagrams | lost: consumer exits / unloads / elsewhere | netns | "
+        "reports: own UAF unmitigated / in force / other | "
         "use count before/after | hooks, ftrace filters | conntrack drops | time (s) | problems |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -513,7 +590,8 @@ def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
         rows.append(
             f"| {r.module} | {r.cycles}/{r.cycles_planned} | {r.datagrams_received}/{r.datagrams_sent} | "
             f"{r.lost_in_consumer_exits} / {r.lost_in_unload_windows} / {r.lost_outside_unload} | "
-            f"{r.netns_created} | {len(r.reports)} | {r.refcnt_before}/{r.refcnt_after} | "
+            f"{r.netns_created} | {r.known_bug_unmitigated} / {r.known_bug_in_force} / {len(r.other_reports)} | "
+            f"{r.refcnt_before}/{r.refcnt_after} | "
             f"{'same' if r.hooks_same else 'DIFFER'}, {'same' if r.enabled_functions_same else 'DIFFER'} | "
             f"{r.ct_delta.get('drop', '?')} | {r.seconds} | {'; '.join(r.problems) or 'none'} |"
         )
@@ -556,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         with tmp:
             for m in manifests:
                 queue = (m.queue_base, m.queue_count) if m.queue_base is not None else None
-                r = lab.soak(SoakModule.of(m), args.cycles, queue=queue, hold_ms=args.hold_ms, timeout=args.timeout)
+                r = lab.soak(SoakModule.of(m), args.cycles, queue=queue, hold_ms=args.hold_ms, timeout=args.timeout,
+                             tolerate_known_bug_in_force=m.strategy == "advance-confirm")  # fmt: skip
                 print(f"soak {m.strategy}: {r.cycles}/{r.cycles_planned} cycles, {r.datagrams_received}/"
-                      f"{r.datagrams_sent} datagrams, {len(r.reports)} reports, {r.seconds} s: "
+                      f"{r.datagrams_sent} datagrams, reports {r.known_bug_unmitigated} unmitigated / "
+                      f"{r.known_bug_in_force} in force / {len(r.other_reports)} other, {r.seconds} s: "
                       f"{'; '.join(r.problems) or 'ok'}", file=sys.stderr, flush=True)  # fmt: skip
                 results.append(r)
     except (OSError, KeyError, ValueError) as exc:
@@ -568,8 +648,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nqgen soak: error: {exc}", file=sys.stderr)
         return exc.exit_code
     data = {"kernel": image.release, "cycles": args.cycles, "strategies": [r.to_dict() for r in results]}
-    (args.out / "soak.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out / "SOAK.md").write_text(soak_markdown(results, image.release, args.cycles))
+    # one report per kernel: make soak runs the Debian kernel and the reference kernel on their own trees
+    (args.out / f"soak-{image.release}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (args.out / f"SOAK-{image.release}.md").write_text(soak_markdown(results, image.release, args.cycles))
     print(soak_markdown(results, image.release, args.cycles))
     return 5 if any(r.problems for r in results) else 0
 
