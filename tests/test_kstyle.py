@@ -171,6 +171,7 @@ def test_rhel_trees_build_with_w1_without_warnings_in_generated_code(name: str, 
         if re.search(r"\bwarning\b", line, re.IGNORECASE)
         and str(out) in line.split(":", 1)[0]
         and not OLD_OBJTOOL_COLD.search(line)
+        and not (name.startswith("rhel81") and OBJTOOL_418_GCC12.search(line))
     ]
     assert not ours, "\n".join(ours)
 
@@ -179,3 +180,14 @@ def test_rhel_trees_build_with_w1_without_warnings_in_generated_code(name: str, 
 # (13810435b9a7 "objtool: Support GCC 8's cold subfunctions"); RHEL 7.7's 3.10 objtool, run by Debian 12's gcc 12,
 # reports every .cold part of any function as a frame pointer mismatch. Any other objtool warning still fails.
 OLD_OBJTOOL_COLD = re.compile(r"warning: objtool: \w+\.cold\(\)\+0x0: frame pointer state mismatch$")
+
+
+# RHEL 8.1's 4.18 objtool predates gcc 12's code layout and binutils 2.40's section symbols: building the kernel
+# itself here printed "sibling call from callable instruction with modified stack frame" 2623 times, "return with
+# modified stack frame" 70 times and "missing symbol for section ..." 111 times (the rhel81 build log), for
+# objects such as net/ipv4/netfilter/ip_tables.o. On that tree, and only there, those three are the kernel's
+# objtool speaking, not our C; any other warning in generated code still fails.
+OBJTOOL_418_GCC12 = re.compile(
+    r"warning: objtool: (?:[\w.]+\(\)\+0x[0-9a-f]+: (?:sibling call from callable instruction with modified stack "
+    r"frame|return with modified stack frame)|missing symbol for section \.[\w.]+)$"
+)
