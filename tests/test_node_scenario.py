@@ -17,7 +17,14 @@ from nqgen import reprokernel
 from nqgen.lab.guest import GuestModule
 from nqgen.lab.kernel import default_cache_dir, resolve_image
 from nqgen.lab.manifest import discover
-from nqgen.lab.scenarios.node.report import answered, kasan_by_family, nat_verdicts, node_markdown, problems
+from nqgen.lab.scenarios.node.report import (
+    answered,
+    kasan_by_family,
+    kasan_split,
+    nat_verdicts,
+    node_markdown,
+    problems,
+)
 from nqgen.lab.scenarios.node.results import nat_evidence
 from nqgen.lab.scenarios.node.runner import NodeConfig, NodeLab, node_json, run_node_lab
 from nqgen.lab.scenarios.node.script import NodePlan, NodeWorkload, render_node_init
@@ -264,7 +271,9 @@ def test_node_scenario_on_the_reference_kernel(tmp_path: Path) -> None:
     runs = {r["name"]: r for r in data["runs"]}
     assert runs["baseline-nfqueue-pool"]["kasan_reports"] > 0, "the real node did not reproduce the report"
     ft = runs["ftrace"]
-    assert ft["kasan_reports"] == 0 and problems(ft) == []
+    # none while ftrace is loaded; the health lookups after its unload run on the unfixed kernel again and may
+    # hit the bug (2 reports there in one CI run, 18:29 UTC 2026-12-01): that is the kernel's, not a failure
+    assert kasan_split(ft)[0] == 0 and problems(ft) == [], (kasan_split(ft), problems(ft))
     assert ft["corrected_calls"] and ft["unloaded"]
     for fam in ("ipv4", "ipv6"):
         assert answered(ft, fam) == (400, 400)
