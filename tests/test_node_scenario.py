@@ -279,7 +279,10 @@ def test_node_scenario_on_the_reference_kernel(tmp_path: Path) -> None:
         assert answered(ft, fam) == (400, 400)
         # every answer came back through MASQUERADE, and the TFTP helper flow through NAT worked
         ev = ft["nat"][fam]
-        assert ev["new_flows"] >= 400 and ev["masqueraded"] == ev["new_flows"] and ev["queries_from_pod"] == 0
+        # not ">= 400" NEW events: a lookup whose random source port repeats one still in conntrack (30 s UDP
+        # timeout) joins that entry without a NEW event; 400 lookups over 28 232 ephemeral ports expect about 2.8
+        # such repeats (397 seen in one CI run). Every lookup was answered (above), none reached dnsmasq untranslated.
+        assert ev["new_flows"] >= 380 and ev["masqueraded"] == ev["new_flows"] and ev["queries_from_pod"] == 0, ev
         assert ft["tftp"][fam]["ok"], (fam, ft["tftp"])
 
 
