@@ -16,6 +16,7 @@
 #include <linux/netfilter/nfnetlink.h>
 #include <linux/netfilter/nfnetlink_queue.h>
 #include <linux/netlink.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -120,6 +121,30 @@ static inline int nq_nfq_bind_queue(int fd, unsigned short q)
 	nq_nfq_init_req(&r, NFQNL_MSG_CONFIG, NLM_F_ACK, q);
 	nq_nfq_put_attr(&r, NFQA_CFG_QUEUE_MAXLEN, &maxlen, sizeof(maxlen));
 	return nq_nfq_request_ack(fd, &r);
+}
+
+/* Bind queues base..base+count-1 in order; *bound counts those bound. 0 or the first error. */
+static inline int nq_nfq_bind_range(int fd, int base, int count, int *bound)
+{
+	int i, err;
+
+	*bound = 0;
+	for (i = 0; i < count; i++) {
+		err = nq_nfq_bind_queue(fd, (unsigned short)(base + i));
+		if (err)
+			return err;
+		(*bound)++;
+	}
+	return 0;
+}
+
+/* Tell the guest script the consumer is bound: create the (empty) file at path. */
+static inline void nq_nfq_signal_ready(const char *path)
+{
+	FILE *f = fopen(path, "w");
+
+	if (f)
+		fclose(f);
 }
 
 /* Accept packet id (network order, as the kernel sent it) of queue q. */

@@ -87,21 +87,9 @@ int main(int argc, char **argv)
 		bind_error = fd;
 		goto out;
 	}
-	for (i = 0; i < count; i++) {
-		int err = nq_nfq_bind_queue(fd, (unsigned short)(base + i));
-
-		if (err) {
-			bind_error = err;
-			break;
-		}
-		bound++;
-	}
-	if (ready && bound == count) {
-		FILE *f = fopen(ready, "w");
-
-		if (f)
-			fclose(f);
-	}
+	bind_error = nq_nfq_bind_range(fd, base, count, &bound);
+	if (ready && bound == count)
+		nq_nfq_signal_ready(ready);
 	while (!stop && bound == count) {
 		struct pollfd p = { .fd = fd, .events = POLLIN };
 		ssize_t n;
