@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,6 +219,22 @@ class SymbolList:
             if m is not None and m[3] == name and (module is None or (m[4] or None) == want):
                 found.append(TextSymbol(int(m[1], 16), m[2], m[3], m[4] or None))
         return tuple(found)
+
+    def lookup_many(self, names: Iterable[str]) -> dict[str, tuple[TextSymbol, ...]]:
+        """:meth:`lookup` of several names in one pass over the text (as ``grep -E 'a|b|c'`` does)."""
+        names = tuple(names)
+        # (a name with a blank is never in the name column; the longest first, though the lookahead decides)
+        wanted = sorted({n for n in names if n and not any(c.isspace() for c in n)}, key=lambda n: (-len(n), n))
+        found: dict[str, list[TextSymbol]] = {n: [] for n in wanted}
+        if wanted:
+            text = self.text
+            pattern = re.compile(r"[ \t](" + "|".join(map(re.escape, wanted)) + r")(?=[ \t\n]|\Z)")
+            for hit in pattern.finditer(text):
+                start, end = text.rfind("\n", 0, hit.start()) + 1, text.find("\n", hit.end())
+                m = _STRICT_LINE.fullmatch(text, start, len(text) if end < 0 else end)
+                if m is not None and m[3] == hit[1]:
+                    found[hit[1]].append(TextSymbol(int(m[1], 16), m[2], m[3], m[4] or None))
+        return {n: tuple(found.get(n, ())) for n in names}
 
 
 _SYMLINE = re.compile(r"^([0-9a-fA-F]+)\s+(\S)\s+(\S+)(?:\s+\[(\S+)\])?\s*$")
