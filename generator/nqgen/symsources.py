@@ -228,12 +228,15 @@ class SymbolList:
         found: dict[str, list[TextSymbol]] = {n: [] for n in wanted}
         if wanted:
             text = self.text
-            pattern = re.compile(r"[ \t](" + "|".join(map(re.escape, wanted)) + r")(?=[ \t\n]|\Z)")
-            for hit in pattern.finditer(text):
-                start, end = text.rfind("\n", 0, hit.start()) + 1, text.find("\n", hit.end())
+            alternatives = "|".join(map(re.escape, wanted))
+            # one pass per separator: a pattern that starts with a literal lets the regex engine skip to it
+            hits = sorted((hit.start(), hit[1]) for sep in (" ", "\t")
+                          for hit in re.finditer(sep + "(" + alternatives + r")(?=[ \t\n]|\Z)", text))  # fmt: skip
+            for at, name in hits:
+                start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at + 1 + len(name))
                 m = _STRICT_LINE.fullmatch(text, start, len(text) if end < 0 else end)
-                if m is not None and m[3] == hit[1]:
-                    found[hit[1]].append(TextSymbol(int(m[1], 16), m[2], m[3], m[4] or None))
+                if m is not None and m[3] == name:
+                    found[name].append(TextSymbol(int(m[1], 16), m[2], m[3], m[4] or None))
         return {n: tuple(found.get(n, ())) for n in names}
 
 
