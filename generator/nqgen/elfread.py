@@ -338,6 +338,7 @@ class _SymbolTable:
         raw = data[self.lo : self.lo + self.count * _SYM.size]
         self.name_column = memoryview(raw).cast("I")[0 :: _SYM.size // 4].tobytes()  # every st_name, u32 LE
         self.shndx_values = set(memoryview(raw).cast("H")[3 :: _SYM.size // 2])
+        self._decoded: dict[int, Symbol] = {}
 
     def check(self) -> None:
         """Raise what reading every entry would raise, without building them: bad section indexes, names
@@ -380,6 +381,27 @@ class _SymbolTable:
             for st_name, info, _other, shndx, value, size in _SYM.iter_unpack(raw)
         )
 
+    def _name_at(self, offset: int) -> str:
+        end = self.data.find(b"\0", self.str_lo + offset, self.str_hi)
+        return self.data[self.str_lo + offset : end].decode("utf-8", "replace")
+
+    def entry(self, index: int) -> Symbol:
+        """Entry ``index`` (from 0, after the null one), decoded alone (and kept: relocations repeat them)."""
+        sym = self._decoded.get(index)
+        if sym is None:
+            st_name, info, _other, shndx, value, size = _SYM.unpack_from(self.data, self.lo + index * _SYM.size)
+            sym = self._decoded[index] = self._symbol(st_name, info, shndx, value, size, self._name_at)
+        return sym
+
+    def prefixed(self, prefix: bytes) -> list[int]:
+        """The indexes of the entries whose name starts with ``prefix`` (section symbols may be among them)."""
+        offsets = set()
+        pos = self.str_lo
+        while (hit := self.data.find(prefix, pos, self.str_hi)) >= 0:
+            offsets.add(hit - self.str_lo)
+            pos = hit + 1
+        return [i for i, st_name in enumerate(memoryview(self.name_column).cast("I")) if st_name in offsets]
+
     def named(self, name: bytes) -> tuple[Symbol, ...]:
         """Every entry whose name is ``name``, in table order, found as grep would: the name's places in
         .strtab (anywhere a string ends with it: the linker shares string tails), then the st_name column."""
@@ -397,14 +419,7 @@ class _SymbolTable:
                     indexes.append(at // 4)
                 at = self.name_column.find(key, at + 1)
 
-        def name_at(offset: int) -> str:
-            end = self.data.find(b"\0", self.str_lo + offset, self.str_hi)
-            return self.data[self.str_lo + offset : end].decode("utf-8", "replace")
-
-        found = []
-        for index in sorted(indexes):
-            st_name, info, _other, shndx, value, size = _SYM.unpack_from(self.data, self.lo + index * _SYM.size)
-            found.append(self._symbol(st_name, info, shndx, value, size, name_at))
+        found = [self.entry(index) for index in sorted(indexes)]
         return tuple(s for s in found if s.name == name.decode())
 
 
@@ -415,8 +430,15 @@ def _cstr(table: bytes, offset: int, path: str) -> str:
     return table[offset:end].decode("utf-8", "replace")
 
 
+def _entry(image: ElfImage, index: int) -> Symbol:
+    """Entry ``index`` (from 0, after the null one): from the full tuple once built, else decoded alone."""
+    if "symbols" in image.__dict__ or image._table is None:
+        return image.symbols[index]
+    return image._table.entry(index)
+
+
 def _relocations_for(image: ElfImage, target_index: int) -> Iterator[Reloc]:
-    nsyms = len(image.symbols)
+    nsyms = image._table.count if image._table is not None else 0
     for sec in image._sections:
         if sec.type != SHT_RELA or sec.info != target_index:
             continue
@@ -427,22 +449,48 @@ def _relocations_for(image: ElfImage, target_index: int) -> Iterator[Reloc]:
             symidx = r_info >> 32
             if symidx == 0 or symidx > nsyms:
                 raise ElfFormatError(f"{image.path}: {sec.name}: relocation names symbol {symidx} of {nsyms}")
-            yield Reloc(r_offset, r_info & 0xFFFFFFFF, image.symbols[symidx - 1], addend)
+            yield Reloc(r_offset, r_info & 0xFFFFFFFF, _entry(image, symidx - 1), addend)
+
+
+def _relocated_symbols(image: ElfImage, target_index: int) -> Iterator[Symbol]:
+    """The symbols named by the relocations of a section, as _relocations_for gives them, except a section
+    symbol or one in __ksymtab_strings (never an export), which is skipped without being decoded: a linked
+    vmlinux's __ksymtab relocations name 30 000 entries, two thirds of them __kstrtab strings."""
+    if "symbols" in image.__dict__ or image._table is None:
+        yield from (rel.symbol for rel in _relocations_for(image, target_index))
+        return
+    table = image._table
+    strings = image.sections.index("__ksymtab_strings") if "__ksymtab_strings" in image.sections else -1
+    for sec in image._sections:
+        if sec.type != SHT_RELA or sec.info != target_index:
+            continue
+        if sec.size % _RELA.size:
+            raise ElfFormatError(f"{image.path}: malformed relocation section {sec.name}")
+        raw = image._data[sec.offset : sec.offset + sec.size]
+        for r_info in memoryview(raw).cast("Q")[1 :: _RELA.size // 8]:
+            symidx = r_info >> 32
+            if symidx == 0 or symidx > table.count:
+                raise ElfFormatError(f"{image.path}: {sec.name}: relocation names symbol {symidx} of {table.count}")
+            _name, info, _other, shndx = struct.unpack_from("<IBBH", image._data, table.lo + (symidx - 1) * _SYM.size)
+            if info & 0xF != 3 and shndx != strings:  # (STT_SECTION; the checked table has no bad shndx)
+                yield table.entry(symidx - 1)
 
 
 def _read_exports(image: ElfImage) -> frozenset[str]:
     """Names exported by the image: ``__ksymtab_<name>`` symbols, plus the value relocations of ksymtab entries."""
+    # (a linked image's 100 000 entries are not all built for this: only those whose name has the prefix)
+    candidates = (image.symbols if "symbols" in image.__dict__ or image._table is None
+                  else [image._table.entry(i) for i in image._table.prefixed(b"__ksymtab_")])  # fmt: skip
     names = {
         s.name.removeprefix("__ksymtab_")
-        for s in image.symbols
+        for s in candidates
         if s.name.startswith("__ksymtab_") and s.section.startswith("__ksymtab") and s.kind != "SECTION"
     }
     names.discard("strings")
     for sec in image._sections:
         if not sec.name.startswith("__ksymtab") or sec.name == "__ksymtab_strings":
             continue
-        for rel in _relocations_for(image, sec.index):
-            sym = rel.symbol
+        for sym in _relocated_symbols(image, sec.index):
             if sym.kind == "SECTION" or sym.section == "__ksymtab_strings" or not sym.name:
                 continue
             if sym.name.startswith(("__kstrtab", "__kstrtabns")):
