@@ -5,9 +5,10 @@ and so compiles every file name, every file body and every variable of the conte
 all`` compiled the same shared kmod/ sources once per strategy (917 compiles, 60% of the command's time), and a
 fleet compiled them again for every target. :func:`cookiecutter_no_input` runs the same steps as
 ``cookiecutter(template, no_input=True, extra_context=..., accept_hooks=False)`` — cookiecutter's
-``generate_context``, ``render_variable``/``prompt_choice_for_config``, ``find_template``,
-``render_and_create_dir`` and ``generate_file`` — with an environment (cookiecutter's ``StrictEnvironment``,
-created the way ``create_env_with_context`` creates it) that compiles a given template source once per process.
+``generate_context``, ``render_variable``/``prompt_choice_for_config``, ``find_template`` and
+``render_and_create_dir``, and ``generate_file`` step for step (its binary check kept per file) — with an
+environment (cookiecutter's ``StrictEnvironment``, created the way ``create_env_with_context`` creates it) that
+compiles a given template source once per process.
 
 What it does not do, on purpose: read the user's ``~/.cookiecutterrc`` (its ``default_context`` could change
 nqgen's output), write a replay file under ``~/.cookiecutter_replay``, run hooks (nqgen never accepted them),
@@ -19,19 +20,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 from types import CodeType
 from typing import Any
 
+from binaryornot.check import is_binary
 from cookiecutter.environment import StrictEnvironment
 from cookiecutter.exceptions import CookiecutterException, UndefinedVariableInTemplate
 from cookiecutter.find import find_template
-from cookiecutter.generate import generate_context, generate_file, render_and_create_dir
+from cookiecutter.generate import generate_context, render_and_create_dir
 from cookiecutter.prompt import prompt_choice_for_config, render_variable
 from cookiecutter.utils import rmtree, work_in
 from jinja2 import FileSystemLoader, nodes
-from jinja2.exceptions import UndefinedError
+from jinja2.exceptions import TemplateSyntaxError, UndefinedError
 
 UNSUPPORTED_KEYS = ("_copy_without_render", "template", "templates")
 
@@ -124,6 +127,49 @@ def _prompt_no_input(context: dict[str, Any], env: CachingEnvironment) -> Ordere
     return answers
 
 
+_BINARY: dict[tuple[str, bytes], bool] = {}
+
+
+def _is_binary(path: str) -> bool:
+    """binaryornot's is_binary, which cookiecutter asks for every file (a fifth of a warm render's time), kept per
+    file name and first 512 bytes: the name's extension and that chunk are all it looks at."""
+    with open(path, "rb") as fh:
+        key = (os.path.basename(path), fh.read(512))
+    found = _BINARY.get(key)
+    if found is None:
+        if len(_BINARY) >= 1024:
+            _BINARY.clear()
+        found = _BINARY[key] = bool(is_binary(path))
+    return found
+
+
+def _generate_file(project_dir: str, infile: str, context: dict[str, Any], env: CachingEnvironment) -> None:
+    """cookiecutter.generate.generate_file(project_dir, infile, context, env) step for step, with the binary check
+    above: render the file name, copy a binary file, else render the body and write it with the input's first
+    line ending (or ``_new_lines``) and the input's mode."""
+    outfile = os.path.join(project_dir, env.from_string(infile).render(**context))
+    if os.path.isdir(outfile):  # the name rendered empty
+        return
+    if _is_binary(infile):
+        shutil.copyfile(infile, outfile)
+        shutil.copymode(infile, outfile)
+        return
+    try:
+        tmpl = env.get_template(infile.replace(os.path.sep, "/"))
+    except TemplateSyntaxError as exc:
+        exc.translated = False
+        raise
+    rendered = tmpl.render(**context)
+    newline = context["cookiecutter"].get("_new_lines", False)
+    if not newline:
+        with open(infile, encoding="utf-8") as rd:
+            rd.readline()
+        newline = rd.newlines[0] if isinstance(rd.newlines, tuple) else rd.newlines
+    with open(outfile, "w", encoding="utf-8", newline=newline) as fh:
+        fh.write(rendered)
+    shutil.copymode(infile, outfile)
+
+
 def _generate_files(repo_dir: Path, context: dict[str, Any], output_dir: Path) -> str:
     """cookiecutter.generate.generate_files(repo_dir, context, output_dir, accept_hooks=False) with the process's
     environment: the project directory, then every directory and file below it in the same order."""
@@ -152,7 +198,7 @@ def _generate_files(repo_dir: Path, context: dict[str, Any], output_dir: Path) -
             for f in sorted(files):
                 infile = os.path.normpath(os.path.join(root, f))
                 try:
-                    generate_file(project_dir, infile, context, env, False)
+                    _generate_file(project_dir, infile, context, env)
                 except UndefinedError as err:
                     if created:
                         rmtree(project_dir)
