@@ -129,3 +129,35 @@ def test_an_option_the_renderer_does_not_handle_is_refused(tmp_path: Path) -> No
     (template / "cookiecutter.json").write_text('{"strategy": "x", "_copy_without_render": ["*.bin"]}')
     with pytest.raises(BuildError, match="_copy_without_render is not supported"):
         render._cookiecutter(template, tmp_path, {"strategy": "x"})
+
+
+def test_cache_keys_on_source_and_name_not_file_and_keeps_the_last_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = rendercache.CachingEnvironment(context={}, keep_trailing_newline=True)
+    monkeypatch.setattr(env, "CACHE_SIZE", 2)
+    first = env.compile("a {{ x }}", "t.c", "/tmp/stage-1/t.c")
+    assert env.compile("a {{ x }}", "t.c", "/tmp/stage-2/t.c") is first  # another staging directory: a hit
+    assert env.compiles == 1
+    env.compile("a {{ x }}", "u.c", "/tmp/stage-2/u.c")  # another template name: compiled
+    env.compile("a {{ x }}", "t.c", "/tmp/stage-3/t.c")  # used again: now the newest
+    env.compile("b", None, None)  # evicts u.c, the least recently used
+    assert env.compiles == 3
+    env.compile("a {{ x }}", "t.c", None)
+    assert env.compiles == 3
+    env.compile("a {{ x }}", "u.c", None)
+    assert env.compiles == 4
+    assert env.from_string("{{ 1 + 1 }}\n").render() == "2\n"  # keep_trailing_newline, as cookiecutter's
+
+
+def test_binary_check_is_kept_per_name_and_first_bytes(tmp_path: Path) -> None:
+    text, blob = tmp_path / "a" / "x.c", tmp_path / "b" / "x.c"
+    text.parent.mkdir()
+    blob.parent.mkdir()
+    text.write_text("int x;\n")
+    blob.write_bytes(bytes(range(256)) * 2)
+    from binaryornot.check import is_binary
+
+    assert not rendercache._is_binary(str(text)) and not is_binary(str(text))
+    assert rendercache._is_binary(str(blob)) and is_binary(str(blob))  # same name, other bytes: asked again
+    png = tmp_path / "a" / "x.png"
+    png.write_text("int x;\n")
+    assert rendercache._is_binary(str(png)) and is_binary(str(png))  # same bytes, binary extension
