@@ -230,7 +230,7 @@ class SymbolList:
             text = self.text
             alternatives = "|".join(map(re.escape, wanted))
             # one pass per separator: a pattern that starts with a literal lets the regex engine skip to it
-            hits = sorted((hit.start(), hit[1]) for sep in (" ", "\t")
+            hits = sorted((hit.start(), hit[1]) for sep in (" ", "\t") if sep in text
                           for hit in re.finditer(sep + "(" + alternatives + r")(?=[ \t\n]|\Z)", text))  # fmt: skip
             for at, name in hits:
                 start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at + 1 + len(name))
