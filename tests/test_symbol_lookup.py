@@ -143,6 +143,18 @@ def test_a_shared_string_tail_is_found(tmp_path: Path) -> None:
     assert check_against_nm(tmp_path / "tails", image) >= 3
 
 
+def test_a_lookup_too_long_for_the_bulk_path_scans_every_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past LOOKUP_STEPS searches (a name in .strtab thousands of times: degenerate or hostile) find() scans the
+    table instead, bounded by its size, with the same answers."""
+    path = synthetic_elf(tmp_path / "big.elf", count=3000)
+    names = sample_names(elfread.load_elf(path))
+    fast = {n: elfread.load_elf(path).find(n, defined=False) for n in names}
+    monkeypatch.setattr(elfread, "LOOKUP_STEPS", 0)
+    image = elfread.load_elf(path)
+    assert image._table is not None and image._table.named(b"kallsyms_lookup_name") is None
+    assert {n: image.find(n, defined=False) for n in names} == fast
+
+
 def test_section_symbols_are_found_by_section_name(tmp_path: Path) -> None:
     """A section symbol is named after its section (as before the bulk lookup), whatever its st_name is."""
     module = build_module(tmp_path, "nf_conntrack_ipv4_rhel7.c", "nf_conntrack_ipv4.ko")

@@ -147,7 +147,8 @@ class ElfImage:
         except UnicodeEncodeError:  # a lone surrogate: no decoded name can equal it
             return ()
         with _malformed(self.path):
-            return self._table.named(wanted)
+            found = self._table.named(wanted)
+        return found if found is not None else tuple(s for s in self.symbols if s.name == name)
 
     def function_at(self, section: str, offset: int) -> Symbol | None:
         """The FUNC symbol starting exactly at ``offset`` of ``section`` (a global one when several)."""
@@ -402,11 +403,14 @@ class _SymbolTable:
             pos = hit + 1
         return [i for i, st_name in enumerate(memoryview(self.name_column).cast("I")) if st_name in offsets]
 
-    def named(self, name: bytes) -> tuple[Symbol, ...]:
+    def named(self, name: bytes) -> tuple[Symbol, ...] | None:
         """Every entry whose name is ``name``, in table order, found as grep would: the name's places in
-        .strtab (anywhere a string ends with it: the linker shares string tails), then the st_name column."""
+        .strtab (anywhere a string ends with it: the linker shares string tails), then the st_name column.
+        None when that would take more than LOOKUP_STEPS searches or hits (a degenerate or hostile table, or a
+        name thousands of entries share): the caller then scans every entry, which is bounded by the table."""
         needle = name + b"\0"
         indexes = []
+        steps = 0
         pos = self.str_lo
         while (hit := self.data.find(needle, pos, self.str_hi)) >= 0:
             pos = hit + len(needle)
@@ -415,12 +419,20 @@ class _SymbolTable:
             key = (hit - self.str_lo).to_bytes(4, "little")
             at = self.name_column.find(key)
             while at >= 0:
+                steps += 1
+                if steps > LOOKUP_STEPS:
+                    return None
                 if at % 4 == 0:  # (a hit across two columns is not an entry)
                     indexes.append(at // 4)
                 at = self.name_column.find(key, at + 1)
-
+            steps += 1
+            if steps > LOOKUP_STEPS:
+                return None
         found = [self.entry(index) for index in sorted(indexes)]
         return tuple(s for s in found if s.name == name.decode())
+
+
+LOOKUP_STEPS = 4096
 
 
 def _cstr(table: bytes, offset: int, path: str) -> str:
