@@ -4,16 +4,23 @@ pyelftools parses the ELF header and the section table; the symbol table, reloca
 in bulk from the file's bytes with ``struct`` (about 20x faster than pyelftools' per-entry objects, and every
 offset is bounds-checked first, so hostile input raises :class:`ElfFormatError` instead of looping).
 Only x86_64 little-endian ELF is accepted: nqgen targets nothing else.
+
+A linked image's symbol table (a vmlinux has 100 000 and more entries) is validated in bulk when the file is parsed,
+then left in the file's bytes: :meth:`ElfImage.find` looks a name up the way ``nm | grep`` does (the name in
+.strtab, then the entries pointing at it), and the full tuple, the exports and the ftrace sites of a linked image
+are built the first time they are asked for. A module (about 1 000 symbols) is read whole when parsed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import mmap
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, cast
@@ -80,19 +87,42 @@ class Reloc:
 
 @dataclass(frozen=True)
 class ElfImage:
-    """What nqgen needs from one kernel module (``kind == "module"``) or vmlinux image."""
+    """What nqgen needs from one kernel module (``kind == "module"``) or vmlinux image.
+
+    ``symbols``, ``exports`` and ``traceable_sites`` are computed once, when first used (eagerly for a module);
+    a damaged table of a linked image is found when the file is parsed, except for __ksymtab (read with exports).
+    """
 
     path: str
     kind: ImageKind
     compression: str | None  # None, "xz", "zst" or "gz"
     sections: tuple[str, ...]
-    symbols: tuple[Symbol, ...]  # every entry of .symtab after the null one, duplicates kept, in table order
-    exports: frozenset[str]
     modinfo: dict[str, tuple[str, ...]]  # key -> every value, in file order (alias repeats)
     build_id: str | None
-    traceable_sites: frozenset[tuple[str, int]]  # (section, offset/address) of every fentry/patchable site
     _data: ElfData = field(repr=False, compare=False, default=b"")
     _sections: tuple[Section, ...] = field(repr=False, compare=False, default=())
+    _table: _SymbolTable | None = field(repr=False, compare=False, default=None)
+    _linked_sites: tuple[bytes, ...] = field(repr=False, compare=False, default=())  # address tables of a vmlinux
+
+    @functools.cached_property
+    def symbols(self) -> tuple[Symbol, ...]:
+        """Every entry of .symtab after the null one, duplicates kept, in table order."""
+        if self._table is None:
+            return ()
+        with _malformed(self.path):
+            return self._table.all()
+
+    @functools.cached_property
+    def exports(self) -> frozenset[str]:
+        """Names the image exports (``__ksymtab`` symbols, entries and their relocations)."""
+        with _malformed(self.path):
+            return _read_exports(self)
+
+    @functools.cached_property
+    def traceable_sites(self) -> frozenset[tuple[str, int]]:
+        """(section, offset/address) of every fentry/patchable site."""
+        with _malformed(self.path):
+            return _read_trace_sites(self)
 
     def info(self, key: str) -> str | None:
         """The first .modinfo value of ``key``, or None."""
@@ -106,7 +136,19 @@ class ElfImage:
 
     def find(self, name: str, *, defined: bool = True) -> tuple[Symbol, ...]:
         """Every symbol called ``name`` (only defined ones unless ``defined`` is False), in table order."""
-        return tuple(s for s in self.symbols if s.name == name and (s.section or not defined))
+        return tuple(s for s in self._named(name) if s.section or not defined)
+
+    def _named(self, name: str) -> tuple[Symbol, ...]:
+        # a section symbol is named after its section, whatever its st_name says: those names take the long way
+        if self._table is None or not name or name in self.sections or name == "*COM*" or "\ufffd" in name:
+            return tuple(s for s in self.symbols if s.name == name)
+        try:
+            wanted = name.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no decoded name can equal it
+            return ()
+        with _malformed(self.path):
+            found = self._table.named(wanted)
+        return found if found is not None else tuple(s for s in self.symbols if s.name == name)
 
     def function_at(self, section: str, offset: int) -> Symbol | None:
         """The FUNC symbol starting exactly at ``offset`` of ``section`` (a global one when several)."""
@@ -155,10 +197,11 @@ def load_elf(path: Path, *, expect: ImageKind | None = None) -> ElfImage:
 def parse_elf(data: ElfData, path: str, *, compression: str | None = None, expect: ImageKind | None = None) -> ElfImage:
     """Parse an in-memory ELF; ``path`` only names the file in messages."""
     _check_ident(data, path)
-    try:
-        return _parse(data, path, compression, expect)
-    except _PARSER_ERRORS as exc:
-        raise ElfFormatError(f"{path}: malformed ELF: {type(exc).__name__}: {exc}") from None
+    with _malformed(path):
+        image = _parse(data, path, compression, expect)
+    if image.kind == "module":  # small: read whole now, so every error shows here
+        _ = image.symbols, image.exports, image.traceable_sites
+    return image
 
 
 # what pyelftools (or struct on a damaged table) raises on hostile input; converted to ElfFormatError
@@ -176,6 +219,14 @@ _PARSER_ERRORS = (
 )
 
 
+@contextlib.contextmanager
+def _malformed(path: str) -> Iterator[None]:
+    try:
+        yield
+    except _PARSER_ERRORS as exc:
+        raise ElfFormatError(f"{path}: malformed ELF: {type(exc).__name__}: {exc}") from None
+
+
 def _parse(data: ElfData, path: str, compression: str | None, expect: ImageKind | None) -> ElfImage:
     # a mapping reads like a file (seek/read/tell); BytesIO of it would copy the whole image
     elf = ELFFile(cast(IO[bytes], data) if isinstance(data, mmap.mmap) else io.BytesIO(data))
@@ -189,20 +240,17 @@ def _parse(data: ElfData, path: str, compression: str | None, expect: ImageKind 
         kind=kind,
         compression=compression,
         sections=tuple(s.name for s in sections),
-        symbols=_read_symbols(sections, data, path, required=kind == "module"),
-        exports=frozenset(),
         modinfo={},
         build_id=None,
-        traceable_sites=frozenset(),
         _data=data,
         _sections=sections,
+        _table=_symbol_table(sections, data, path, required=kind == "module"),
     )
     return dataclasses.replace(
         bare,
-        exports=_read_exports(bare),
         modinfo=_read_modinfo(bare),
         build_id=_read_build_id(bare),
-        traceable_sites=_read_trace_sites(bare),
+        _linked_sites=_linked_site_tables(bare) if kind == "vmlinux" else (),
     )
 
 
@@ -256,32 +304,58 @@ _SH_TYPES = {"SHT_NULL": 0, "SHT_PROGBITS": 1, "SHT_SYMTAB": SHT_SYMTAB, "SHT_ST
              "SHT_DYNSYM": 11}  # fmt: skip
 
 
-def _cstr(table: bytes, offset: int, path: str) -> str:
-    end = table.find(b"\0", offset)
-    if offset >= len(table) or end < 0:
-        raise ElfFormatError(f"{path}: symbol name offset {offset} outside its string table")
-    return table[offset:end].decode("utf-8", "replace")
-
-
 def _symtab(sections: tuple[Section, ...]) -> Section | None:
     tabs = [s for s in sections if s.type == SHT_SYMTAB]
     return tabs[0] if tabs else None
 
 
-def _read_symbols(sections: tuple[Section, ...], data: ElfData, path: str, *, required: bool) -> tuple[Symbol, ...]:
-    """Every .symtab entry; a stripped vmlinux has none (its exports still come from __ksymtab)."""
+def _symbol_table(sections: tuple[Section, ...], data: ElfData, path: str, *, required: bool) -> _SymbolTable | None:
+    """The .symtab, checked; None for a stripped vmlinux (its exports still come from __ksymtab)."""
     tab = _symtab(sections)
     if tab is None:
         if not required:
-            return ()
+            return None
         raise ElfFormatError(f"{path}: no symbol table (.symtab): stripped file")
     if tab.link >= len(sections) or tab.size % _SYM.size:
         raise ElfFormatError(f"{path}: malformed .symtab header")
-    strtab = data[sections[tab.link].offset : sections[tab.link].offset + sections[tab.link].size]
-    raw = data[tab.offset : tab.offset + tab.size]
-    names = [s.name for s in sections]
-    out = []
-    for st_name, info, _other, shndx, value, size in _SYM.iter_unpack(raw[_SYM.size :]):
+    strsec = sections[tab.link]
+    table = _SymbolTable(path, data, tab, strsec, tuple(s.name for s in sections))
+    table.check()
+    return table
+
+
+class _SymbolTable:
+    """The entries of a .symtab and the names of its .strtab, left in the file's bytes until asked for."""
+
+    def __init__(self, path: str, data: ElfData, tab: Section, strsec: Section, section_names: tuple[str, ...]):
+        self.path = path
+        self.data = data
+        self.lo = tab.offset + _SYM.size  # after the null entry
+        self.count = max(0, tab.size // _SYM.size - 1)
+        # (sliced as the whole-table read slices it: a .strtab past the file's end is cut short, not an error)
+        self.str_lo = min(strsec.offset, len(data))
+        self.str_hi = max(self.str_lo, min(strsec.offset + strsec.size, len(data)))
+        self.section_names = section_names
+        raw = data[self.lo : self.lo + self.count * _SYM.size]
+        self.name_column = memoryview(raw).cast("I")[0 :: _SYM.size // 4].tobytes()  # every st_name, u32 LE
+        self.shndx_values = set(memoryview(raw).cast("H")[3 :: _SYM.size // 2])
+        self._decoded: dict[int, Symbol] = {}
+
+    def check(self) -> None:
+        """Raise what reading every entry would raise, without building them: bad section indexes, names
+        outside .strtab (both are rare: the full read then runs to give the exact error)."""
+        nsec = len(self.section_names)
+        bad_index = any(
+            v not in (SHN_UNDEF, SHN_ABS, SHN_COMMON) and not (v < nsec and v < SHN_LORESERVE)
+            for v in self.shndx_values
+        )
+        last_nul = self.data.rfind(b"\0", self.str_lo, self.str_hi)
+        top_name = max(memoryview(self.name_column).cast("I"), default=0)
+        if bad_index or (self.count and top_name > last_nul - self.str_lo):
+            self.all()  # raises (a section symbol's name is never read, so a bad offset there is no error)
+
+    def _symbol(self, st_name: int, info: int, shndx: int, value: int, size: int, name_at: Callable[[int], str]
+                ) -> Symbol:  # fmt: skip
         kind = _KINDS.get(info & 0xF, str(info & 0xF))
         if shndx == SHN_UNDEF:
             sec = ""
@@ -289,17 +363,94 @@ def _read_symbols(sections: tuple[Section, ...], data: ElfData, path: str, *, re
             sec = "*ABS*"
         elif shndx == SHN_COMMON:
             sec = "*COM*"
-        elif shndx < len(names) and shndx < SHN_LORESERVE:
-            sec = names[shndx]
+        elif shndx < len(self.section_names) and shndx < SHN_LORESERVE:
+            sec = self.section_names[shndx]
         else:
-            raise ElfFormatError(f"{path}: a symbol lies in bad section index {shndx}")
-        name = sec if kind == "SECTION" and sec not in ("", "*ABS*") else _cstr(strtab, st_name, path)
-        out.append(Symbol(name, sec, value, size, _BINDINGS.get(info >> 4, str(info >> 4)), kind))
-    return tuple(out)
+            raise ElfFormatError(f"{self.path}: a symbol lies in bad section index {shndx}")
+        name = sec if kind == "SECTION" and sec not in ("", "*ABS*") else name_at(st_name)
+        return Symbol(name, sec, value, size, _BINDINGS.get(info >> 4, str(info >> 4)), kind)
+
+    def all(self) -> tuple[Symbol, ...]:
+        strtab = self.data[self.str_lo : self.str_hi]
+        raw = self.data[self.lo : self.lo + self.count * _SYM.size]
+
+        def name_at(offset: int) -> str:
+            return _cstr(strtab, offset, self.path)
+
+        return tuple(
+            self._symbol(st_name, info, shndx, value, size, name_at)
+            for st_name, info, _other, shndx, value, size in _SYM.iter_unpack(raw)
+        )
+
+    def _name_at(self, offset: int) -> str:
+        end = self.data.find(b"\0", self.str_lo + offset, self.str_hi)
+        return self.data[self.str_lo + offset : end].decode("utf-8", "replace")
+
+    def entry(self, index: int) -> Symbol:
+        """Entry ``index`` (from 0, after the null one), decoded alone (and kept: relocations repeat them)."""
+        sym = self._decoded.get(index)
+        if sym is None:
+            st_name, info, _other, shndx, value, size = _SYM.unpack_from(self.data, self.lo + index * _SYM.size)
+            sym = self._decoded[index] = self._symbol(st_name, info, shndx, value, size, self._name_at)
+        return sym
+
+    def prefixed(self, prefix: bytes) -> list[int]:
+        """The indexes of the entries whose name starts with ``prefix`` (section symbols may be among them)."""
+        offsets = set()
+        pos = self.str_lo
+        while (hit := self.data.find(prefix, pos, self.str_hi)) >= 0:
+            offsets.add(hit - self.str_lo)
+            pos = hit + 1
+        return [i for i, st_name in enumerate(memoryview(self.name_column).cast("I")) if st_name in offsets]
+
+    def named(self, name: bytes) -> tuple[Symbol, ...] | None:
+        """Every entry whose name is ``name``, in table order, found as grep would: the name's places in
+        .strtab (anywhere a string ends with it: the linker shares string tails), then the st_name column.
+        None when that would take more than LOOKUP_STEPS searches or hits (a degenerate or hostile table, or a
+        name thousands of entries share): the caller then scans every entry, which is bounded by the table."""
+        needle = name + b"\0"
+        indexes = []
+        steps = 0
+        pos = self.str_lo
+        while (hit := self.data.find(needle, pos, self.str_hi)) >= 0:
+            pos = hit + len(needle)
+            if hit - self.str_lo >= 1 << 32:
+                break
+            key = (hit - self.str_lo).to_bytes(4, "little")
+            at = self.name_column.find(key)
+            while at >= 0:
+                steps += 1
+                if steps > LOOKUP_STEPS:
+                    return None
+                if at % 4 == 0:  # (a hit across two columns is not an entry)
+                    indexes.append(at // 4)
+                at = self.name_column.find(key, at + 1)
+            steps += 1
+            if steps > LOOKUP_STEPS:
+                return None
+        found = [self.entry(index) for index in sorted(indexes)]
+        return tuple(s for s in found if s.name == name.decode())
+
+
+LOOKUP_STEPS = 4096
+
+
+def _cstr(table: bytes, offset: int, path: str) -> str:
+    end = table.find(b"\0", offset)
+    if offset >= len(table) or end < 0:
+        raise ElfFormatError(f"{path}: symbol name offset {offset} outside its string table")
+    return table[offset:end].decode("utf-8", "replace")
+
+
+def _entry(image: ElfImage, index: int) -> Symbol:
+    """Entry ``index`` (from 0, after the null one): from the full tuple once built, else decoded alone."""
+    if "symbols" in image.__dict__ or image._table is None:
+        return image.symbols[index]
+    return image._table.entry(index)
 
 
 def _relocations_for(image: ElfImage, target_index: int) -> Iterator[Reloc]:
-    nsyms = len(image.symbols)
+    nsyms = image._table.count if image._table is not None else 0
     for sec in image._sections:
         if sec.type != SHT_RELA or sec.info != target_index:
             continue
@@ -310,22 +461,48 @@ def _relocations_for(image: ElfImage, target_index: int) -> Iterator[Reloc]:
             symidx = r_info >> 32
             if symidx == 0 or symidx > nsyms:
                 raise ElfFormatError(f"{image.path}: {sec.name}: relocation names symbol {symidx} of {nsyms}")
-            yield Reloc(r_offset, r_info & 0xFFFFFFFF, image.symbols[symidx - 1], addend)
+            yield Reloc(r_offset, r_info & 0xFFFFFFFF, _entry(image, symidx - 1), addend)
+
+
+def _relocated_symbols(image: ElfImage, target_index: int) -> Iterator[Symbol]:
+    """The symbols named by the relocations of a section, as _relocations_for gives them, except a section
+    symbol or one in __ksymtab_strings (never an export), which is skipped without being decoded: a linked
+    vmlinux's __ksymtab relocations name 30 000 entries, two thirds of them __kstrtab strings."""
+    if "symbols" in image.__dict__ or image._table is None:
+        yield from (rel.symbol for rel in _relocations_for(image, target_index))
+        return
+    table = image._table
+    strings = image.sections.index("__ksymtab_strings") if "__ksymtab_strings" in image.sections else -1
+    for sec in image._sections:
+        if sec.type != SHT_RELA or sec.info != target_index:
+            continue
+        if sec.size % _RELA.size:
+            raise ElfFormatError(f"{image.path}: malformed relocation section {sec.name}")
+        raw = image._data[sec.offset : sec.offset + sec.size]
+        for r_info in memoryview(raw).cast("Q")[1 :: _RELA.size // 8]:
+            symidx = r_info >> 32
+            if symidx == 0 or symidx > table.count:
+                raise ElfFormatError(f"{image.path}: {sec.name}: relocation names symbol {symidx} of {table.count}")
+            _name, info, _other, shndx = struct.unpack_from("<IBBH", image._data, table.lo + (symidx - 1) * _SYM.size)
+            if info & 0xF != 3 and shndx != strings:  # (STT_SECTION; the checked table has no bad shndx)
+                yield table.entry(symidx - 1)
 
 
 def _read_exports(image: ElfImage) -> frozenset[str]:
     """Names exported by the image: ``__ksymtab_<name>`` symbols, plus the value relocations of ksymtab entries."""
+    # (a linked image's 100 000 entries are not all built for this: only those whose name has the prefix)
+    candidates = (image.symbols if "symbols" in image.__dict__ or image._table is None
+                  else [image._table.entry(i) for i in image._table.prefixed(b"__ksymtab_")])  # fmt: skip
     names = {
         s.name.removeprefix("__ksymtab_")
-        for s in image.symbols
+        for s in candidates
         if s.name.startswith("__ksymtab_") and s.section.startswith("__ksymtab") and s.kind != "SECTION"
     }
     names.discard("strings")
     for sec in image._sections:
         if not sec.name.startswith("__ksymtab") or sec.name == "__ksymtab_strings":
             continue
-        for rel in _relocations_for(image, sec.index):
-            sym = rel.symbol
+        for sym in _relocated_symbols(image, sec.index):
             if sym.kind == "SECTION" or sym.section == "__ksymtab_strings" or not sym.name:
                 continue
             if sym.name.startswith(("__kstrtab", "__kstrtabns")):
@@ -425,31 +602,36 @@ def _read_build_id(image: ElfImage) -> str | None:
 def _read_trace_sites(image: ElfImage) -> frozenset[tuple[str, int]]:
     """(section, offset) of every ftrace call site of a module; (section, address) for a linked image."""
     sites: set[tuple[str, int]] = set()
+    if image.kind == "vmlinux":
+        for raw in image._linked_sites:
+            sites.update(_addresses(image, raw))
+        return frozenset(sites)
     for name in _TRACE_SECTIONS:
         if name not in image.sections:
             continue
-        sec = image.section(name)
-        if image.kind == "module":
-            for rel in _relocations_for(image, sec.index):
-                site, offset = rel.target
-                # a call site inside a section of this module; anything else is a damaged entry (found by
-                # tests/test_fuzz.py: an entry naming an undefined symbol gave the site ('', -4))
-                if not site or site not in image.sections or not 0 <= offset <= image.section(site).size:
-                    raise ElfFormatError(f"{image.path}: {name} entry points outside any section ({site or '?'}"
-                                         f"{offset:+#x})")  # fmt: skip
-                sites.add((site, offset))
-        else:
-            sites.update(_addresses(image, image.section_bytes(name)))
-    if image.kind == "vmlinux":
-        # vmlinux's linker script folds __mcount_loc into .init.data between these two symbols
-        start, stop = image.find("__start_mcount_loc"), image.find("__stop_mcount_loc")
-        if len(start) == 1 and len(stop) == 1 and start[0].section == stop[0].section:
-            sec = image.section(start[0].section)
-            lo, hi = start[0].value - sec.addr, stop[0].value - sec.addr
-            if not 0 <= lo <= hi <= sec.size:
-                raise ElfFormatError(f"{image.path}: __start_mcount_loc/__stop_mcount_loc outside {sec.name}")
-            sites.update(_addresses(image, image.section_bytes(sec.name)[lo:hi]))
+        for rel in _relocations_for(image, image.section(name).index):
+            site, offset = rel.target
+            # a call site inside a section of this module; anything else is a damaged entry (found by
+            # tests/test_fuzz.py: an entry naming an undefined symbol gave the site ('', -4))
+            if not site or site not in image.sections or not 0 <= offset <= image.section(site).size:
+                raise ElfFormatError(f"{image.path}: {name} entry points outside any section ({site or '?'}"
+                                     f"{offset:+#x})")  # fmt: skip
+            sites.add((site, offset))
     return frozenset(sites)
+
+
+def _linked_site_tables(image: ElfImage) -> tuple[bytes, ...]:
+    """The address tables of a linked image's ftrace sites, checked (their addresses are read when first used)."""
+    tables = [image.section_bytes(name) for name in _TRACE_SECTIONS if name in image.sections]
+    # vmlinux's linker script folds __mcount_loc into .init.data between these two symbols
+    start, stop = image.find("__start_mcount_loc"), image.find("__stop_mcount_loc")
+    if len(start) == 1 and len(stop) == 1 and start[0].section == stop[0].section:
+        sec = image.section(start[0].section)
+        lo, hi = start[0].value - sec.addr, stop[0].value - sec.addr
+        if not 0 <= lo <= hi <= sec.size:
+            raise ElfFormatError(f"{image.path}: __start_mcount_loc/__stop_mcount_loc outside {sec.name}")
+        tables.append(image.section_bytes(sec.name)[lo:hi])
+    return tuple(tables)
 
 
 def _addresses(image: ElfImage, raw: bytes) -> set[tuple[str, int]]:

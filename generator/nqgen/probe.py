@@ -409,13 +409,14 @@ def cross_check(
     notes: list[str] = []
     if listing.addresses_hidden:
         return [f"{listing.path}: every address is 0 (kptr_restrict): cross-check skipped"]
-    for target in targets:
-        if not lists_modules and target.module != "vmlinux":
-            continue
-        if target.anchor is None or target.delta is None:
-            continue
-        fn = listing.lookup(target.function, module=target.module)
-        anchor = listing.lookup(target.anchor, module=target.module)
+    checked = [t for t in targets if (lists_modules or t.module == "vmlinux") and t.anchor is not None
+               and t.delta is not None]  # fmt: skip
+    found = listing.lookup_many(n for t in checked for n in (t.function, t.anchor) if n is not None)
+    for target in checked:
+        assert target.anchor is not None and target.delta is not None
+        want = None if target.module == "vmlinux" else target.module
+        fn = tuple(e for e in found[target.function] if e.module == want)
+        anchor = tuple(e for e in found[target.anchor] if e.module == want)
         if not fn or not anchor:
             notes.append(
                 f"{listing.path}: no {target.module} {target.function}/{target.anchor} "

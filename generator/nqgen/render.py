@@ -39,22 +39,15 @@ def kmod_dir() -> Path:
 def _cookiecutter(template: Path, output_dir: Path, extra_context: dict[str, Any]) -> Path:
     # Imported here: cookiecutter pulls in a lot and only rendering needs it.
     from cookiecutter.exceptions import CookiecutterException
-    from cookiecutter.main import cookiecutter
     from jinja2 import TemplateError
 
+    from .rendercache import cookiecutter_no_input
+
     try:
-        result = cookiecutter(
-            str(template),
-            no_input=True,
-            extra_context=extra_context,
-            output_dir=str(output_dir),
-            overwrite_if_exists=False,
-            accept_hooks=False,
-        )
+        return cookiecutter_no_input(template, extra_context, output_dir)
     except (CookiecutterException, TemplateError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BuildError(f"rendering template {template.name} failed: {message}") from exc
-    return Path(result)
 
 
 def render_strategy(strategy: str, context: dict[str, Any], dest_parent: Path) -> Path:

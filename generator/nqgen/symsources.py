@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,6 +220,25 @@ class SymbolList:
                 found.append(TextSymbol(int(m[1], 16), m[2], m[3], m[4] or None))
         return tuple(found)
 
+    def lookup_many(self, names: Iterable[str]) -> dict[str, tuple[TextSymbol, ...]]:
+        """:meth:`lookup` of several names in one pass over the text (as ``grep -E 'a|b|c'`` does)."""
+        names = tuple(names)
+        # (a name with a blank is never in the name column; the longest first, though the lookahead decides)
+        wanted = sorted({n for n in names if n and not any(c.isspace() for c in n)}, key=lambda n: (-len(n), n))
+        found: dict[str, list[TextSymbol]] = {n: [] for n in wanted}
+        if wanted:
+            text = self.text
+            alternatives = "|".join(map(re.escape, wanted))
+            # one pass per separator: a pattern that starts with a literal lets the regex engine skip to it
+            hits = sorted((hit.start(), hit[1]) for sep in (" ", "\t") if sep in text
+                          for hit in re.finditer(sep + "(" + alternatives + r")(?=[ \t\n]|\Z)", text))  # fmt: skip
+            for at, name in hits:
+                start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at + 1 + len(name))
+                m = _STRICT_LINE.fullmatch(text, start, len(text) if end < 0 else end)
+                if m is not None and m[3] == name:
+                    found[name].append(TextSymbol(int(m[1], 16), m[2], m[3], m[4] or None))
+        return {n: tuple(found.get(n, ())) for n in names}
+
 
 _SYMLINE = re.compile(r"^([0-9a-fA-F]+)\s+(\S)\s+(\S+)(?:\s+\[(\S+)\])?\s*$")
 # the same, for the common layout (space/tab separators, \n line ends): checked on the whole text at C speed
@@ -227,9 +247,22 @@ _NONZERO_ADDRESS = re.compile(r"^0*[1-9a-fA-F]", re.M)
 DEBIAN_PLACEHOLDER = "The real System.map is in"
 
 
+# The usual layout, checked in one pass over the bytes: ``ADDR " " TYPE " " NAME ["\t[" MODULE "]"] "\n"`` per line,
+# printable ASCII words. Each line is an atomic group (a line's match cannot change: no class holds "\n"), so the
+# pass keeps no backtracking state and costs a third of _STRICT_LINE.subn; every line it accepts, _STRICT_LINE
+# accepts and splits into the same fields (single blanks between words without blanks). Anything else (CRLF,
+# other blanks, blank lines, no final newline) takes the regex paths below. (Not possessive repeats: on Python
+# 3.11.2, ``(?:...)++`` with an optional group inside accepted a last line without its newline; tests/
+# test_symbol_lookup.py checks this pattern against _STRICT_LINE on generated and damaged listings.)
+_USUAL_LAYOUT = re.compile(rb"(?>[0-9a-fA-F]+ [!-~] [!-~]+(?:\t\[[!-~]+\])?\n)+")
+
+
 def parse_symbol_list(path: Path) -> SymbolList:
     """Parse System.map or /proc/kallsyms text; InputError on Debian's placeholder or malformed lines."""
-    text = read_text(path)
+    data, _ = read_capped(path, MAX_TEXT)
+    if _USUAL_LAYOUT.fullmatch(data):  # (Debian's placeholder sentence is never in this layout)
+        return SymbolList(str(path), data.decode("ascii"))
+    text = data.decode("utf-8", "replace")
     if DEBIAN_PLACEHOLDER in text[:300]:
         raise InputError(f"{path}: Debian's placeholder; the real System.map is in the linux-image-*-dbg package")
     rest, count = _STRICT_LINE.subn("", text)

@@ -147,7 +147,8 @@ def kallsyms_case(path: Path, rounds: int) -> SymbolCase:
 
     def lookup() -> tuple[str, ...]:
         listing = symsources.parse_symbol_list(path)
-        return tuple(n for n in names if listing.lookup(n))
+        found = listing.lookup_many(names)
+        return tuple(n for n in names if found[n])
 
     return _measure("kallsyms", path, entries, names, lookup, kallsyms_grep_command(path, names), rounds)
 
