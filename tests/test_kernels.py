@@ -232,6 +232,28 @@ def test_source_exports_names_and_pasted_prefixes(tmp_path: Path) -> None:
         scan(tmp_path)
 
 
+def test_source_exports_are_scanned_once_per_tree_and_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet repeats a tree under many targets: grep runs once per tree, a second tree gets its own answer."""
+    import subprocess
+
+    from nqgen import srcexports
+
+    calls: list[object] = []
+    real_run = subprocess.run
+
+    def counting_run(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("cwd"))
+        return real_run(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(srcexports.subprocess, "run", counting_run)
+    one, two = _tree(tmp_path / "one"), _tree(tmp_path / "two")
+    (two / "kernel" / "extra.c").write_text("EXPORT_SYMBOL_GPL(only_in_two);\n")
+    first, again = scan(one), scan(one)
+    assert first.names == again.names and "only_in_two" not in first.names
+    assert "only_in_two" in scan(two).names
+    assert calls == [one.resolve(), two.resolve()]
+
+
 def test_finished_steps_survive_a_restart(tmp_path: Path) -> None:
     steps = kbuild._Steps(tmp_path)
     assert "source" not in steps

@@ -11,6 +11,7 @@ check against it says "declared exported in the source", not "exported by the bu
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -41,9 +42,20 @@ def is_source_tree(kdir: Path) -> bool:
 
 
 def scan(tree: Path) -> SourceExports:
-    """Every ``EXPORT_SYMBOL*()`` declaration under ``tree`` (C, assembler and headers)."""
+    """Every ``EXPORT_SYMBOL*()`` declaration under ``tree`` (C, assembler and headers).
+
+    A grep over a whole source tree costs 1-2 s; one process (a fleet worker, ``verify`` after ``generate``) scans a
+    tree once and keeps the answer, keyed by its resolved path and the mtime of its top-level ``Makefile``.
+    """
     if not is_source_tree(tree):
         raise InputError(f"{tree} is not a kernel source tree (no kernel/module.c, net/core/dev.c)")
+    resolved = tree.resolve()
+    found = _scan_once(resolved, (resolved / "Makefile").stat().st_mtime_ns if (resolved / "Makefile").exists() else 0)
+    return SourceExports(tree=tree, names=found.names, prefixes=found.prefixes)
+
+
+@functools.lru_cache(maxsize=32)
+def _scan_once(tree: Path, _stamp: int) -> SourceExports:
     grep = shutil.which("grep")
     if grep is None:
         raise InputError("grep is missing")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import resource
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ class TargetResult:
     generated: tuple[str, ...]
     skipped: dict[str, str]
     seconds: float  # wall time of this target in its worker
-    cpu_seconds: float  # CPU time of its worker process for this target (what a loaded machine does not inflate)
+    cpu_seconds: float  # CPU time of its worker and its child programs for this target (load does not inflate it)
     started: float  # seconds since the run started
     worker: int  # pid of the process that ran it
 
@@ -53,6 +54,12 @@ class TargetResult:
         return d
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the programs it ran and waited for (grep over a source tree, zstd)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def generate_one(target: Target, options: FleetOptions, out: Path, t0: float) -> TargetResult:
     """One target, as the single-target command would run it; every error becomes the result's exit code."""
     from nqgen.generate import generate
@@ -60,13 +67,13 @@ def generate_one(target: Target, options: FleetOptions, out: Path, t0: float) ->
     from nqgen.probe import build_profile
 
     start = time.monotonic()
-    cpu0 = time.process_time()
+    cpu0 = _cpu_seconds()
     release: str | None = None
 
     def result(status: str, code: int, message: str, generated: Sequence[str] = (),
                skipped: dict[str, str] | None = None) -> TargetResult:  # fmt: skip
         return TargetResult(target.name, status, code, message, release, tuple(generated), skipped or {},
-                            round(time.monotonic() - start, 4), round(time.process_time() - cpu0, 4),
+                            round(time.monotonic() - start, 4), round(_cpu_seconds() - cpu0, 4),
                             round(start - t0, 4), os.getpid())  # fmt: skip
 
     if target.problem is not None:
