@@ -138,6 +138,6 @@ def test_ftrace_and_livepatch_on_the_debian_kernel(
         assert bridge["setup"] is True and bridge["nf_confirm_after"] > bridge["nf_confirm_before"], (name, bridge)
         assert run["counters"]["workload"]["confirm_calls"] >= 60 * 2 * 2, name
     lp = runs["livepatch"]
-    assert lp["livepatch"]["transition"] == "0"
+    assert lp["livepatch"]["transition"] == "0" and lp["livepatch"]["pending"] == ""
     assert "enable_wait_ms" in lp["unload"] and lp["unload"]["method"] == "livepatch"
     assert "livepatch enabling:" in lp["kernel_log"] + json.dumps(lp["loads"])
