@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DebianBuilt, DebianKernel
-from nqgen.lab.guest import GuestModule, GuestPlan, Workload, render_init
+from nqgen.lab.guest import GuestModule, GuestPlan, Workload, _livepatch_wait_block, render_init
+from nqgen.lab.results import RunResult, apply_results
 
 
 def _plan(unload: str, patched: tuple[str, ...], permanent: bool | None, bridge: bool = False) -> GuestPlan:
@@ -71,6 +72,38 @@ def test_guest_checks_the_sysctl_and_the_patched_functions() -> None:
     assert bridged.index("nqbr0 type bridge") < bridged.index("log before-unload")
 
 
+@pytest.mark.skipif(not Path("/bin/busybox").is_file(), reason="needs busybox-static")
+def test_a_pending_enable_transition_names_the_tasks_not_yet_switched(tmp_path: Path) -> None:
+    """The guest's wait for the enable transition, run by busybox sh against a made-up /proc and livepatch
+    directory: when the transition is still 1, the record names every task whose patch_state is 0 (on RHEL 8.1
+    built with gcc 12 it was the oom_reaper kthread, unwindable only once objtool knew gcc's ".cold" names), and
+    the lab's problem says so."""
+    block = _livepatch_wait_block("/sys/kernel/livepatch/nq_livepatch", "MIT")
+    proc, lp = tmp_path / "proc", tmp_path / "lp"
+    for pid, state, comm in ((1, "1", "init"), (261, "0", "oom_reaper"), (300, "-1", "kworker/0:1H")):
+        task = proc / str(pid) / "task" / str(pid)
+        task.mkdir(parents=True)
+        (task / "patch_state").write_text(state + "\n")
+        (task / "comm").write_text(comm + "\n")
+    lp.mkdir()
+    (lp / "enabled").write_text("1\n")
+    (lp / "transition").write_text("1\n")
+    block = block.replace("/proc/", f"{proc}/").replace("/sys/kernel/livepatch/nq_livepatch", str(lp))
+    block = block.replace("-lt 300", "-lt 2")
+    script = "usleep() { :; }\nemit() { printf '%s\\n' \"$1\"; }\nMIT=1\n" + block + "\n"
+    out = subprocess.run(["/bin/busybox", "sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    rec = json.loads(out)
+    assert rec == {"type": "livepatch", "enabled": "1", "transition": "1", "waited_ms": 200,
+                   "pending": "oom_reaper:261"}
+    run = RunResult(name="livepatch", kind="mitigation", strategy="livepatch", module="nq_livepatch", nfqueue=False)
+    apply_results(run, out)
+    assert "livepatch not fully applied (enabled 1, transition 1; tasks not yet switched: oom_reaper:261)" in run.errors
+    (lp / "transition").write_text("0\n")
+    done = json.loads(subprocess.run(["/bin/busybox", "sh", "-c", script], capture_output=True, text=True,
+                                     check=True).stdout)
+    assert done["transition"] == "0" and done["pending"] == "" and done["waited_ms"] == 0
+
+
 # ---- real boot on the Debian kernel ------------------------------------------------------------------------
 
 
@@ -105,6 +138,6 @@ def test_ftrace_and_livepatch_on_the_debian_kernel(
         assert bridge["setup"] is True and bridge["nf_confirm_after"] > bridge["nf_confirm_before"], (name, bridge)
         assert run["counters"]["workload"]["confirm_calls"] >= 60 * 2 * 2, name
     lp = runs["livepatch"]
-    assert lp["livepatch"]["transition"] == "0"
+    assert lp["livepatch"]["transition"] == "0" and lp["livepatch"]["pending"] == ""
     assert "enable_wait_ms" in lp["unload"] and lp["unload"]["method"] == "livepatch"
     assert "livepatch enabling:" in lp["kernel_log"] + json.dumps(lp["loads"])

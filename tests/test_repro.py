@@ -8,6 +8,7 @@ without a boot in test_rhel_kernels.py), is `make repro` / `make repro-rhel`.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -97,4 +98,28 @@ def test_rhel81_ftrace_resolves_every_clash_without_a_stale_use(tmp_path: Path) 
     assert int(d["stale_uses"]) == 0
     assert int(d["corrected_calls"]) >= 2000
     assert [f for f in boot["faults"] if f.get("phase") != "boot"] == []
+    assert d["unloaded"] is True and not d["lost"]
+
+
+def test_rhel81_livepatch_enable_transition_finishes(tmp_path: Path) -> None:
+    """RHEL 8.1 built with gcc 12: the livepatch's enable transition must finish within the lab's 30 s wait. Before
+    the recipe's objtool fixes (patches 0004/0005) it never did: the oom_reaper kthread sleeps in a part of
+    oom_reaper() that objtool had left without ORC data, its stack never unwound reliably, so it was never
+    switched (the lab now names such tasks). One boot, no NFQUEUE; it needs the build from the current recipe."""
+    _rhel_target("rhel81")
+    kernels = importlib.import_module("nqgen.kernels")
+    k = kernels.find_built("rhel81")
+    source = Path(json.loads((k.root / "kernel.json").read_text())["source"])
+    if kernels.find_built("rhel81", source) != k:
+        pytest.skip(f"the rhel81 build {k.key} predates the recipe's objtool fixes: nqgen kernel build rhel81")
+    out = tmp_path / "out"
+    problems = run(out, repeat=1, rounds=500, jobs=2, strategies=("livepatch",), nfqueue_variants=False,
+                   recipe="rhel81", baselines=False, lab_args=("--timeout", "900"))
+    lab = json.loads((out / "lab.json").read_text())
+    (boot,) = lab["runs"]
+    assert boot["livepatch"]["transition"] == "0", boot["problems"]
+    assert boot["livepatch"]["pending"] == ""
+    assert problems == []
+    d = boot["derived"]
+    assert int(d["stale_uses"]) == 0 and int(d["corrected_calls"]) >= 2000
     assert d["unloaded"] is True and not d["lost"]

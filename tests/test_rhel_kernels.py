@@ -8,6 +8,11 @@ module with the generated Makefile, which ends with `nqgen verify`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import json
+import re
+import struct
 import subprocess
 from pathlib import Path
 
@@ -127,3 +132,65 @@ def test_every_strategy_builds_against_the_rhel77_distribution_tree(tmp_path: Pa
     stderr, stdout = _generate_and_build(k.distro_kdir, list(k.distro_modules), tmp_path)
     assert "no Module.symvers: exports are the conntrack modules' own and the source tree's" in stderr
     assert "EXPORT_SYMBOL declarations" in stdout
+
+
+# --- RHEL 8.1: reliable stacks for livepatch ---------------------------------------------------------------------
+
+
+def current_build(recipe: str) -> BuiltKernel:
+    """The build of ``recipe`` from the recipe's current patches (not an older build left in the cache)."""
+    k = built(recipe)
+    source = Path(json.loads((k.root / "kernel.json").read_text())["source"])
+    if kernels.find_built(recipe, source) != k:
+        pytest.skip(f"the {recipe} build {k.key} predates the recipe's current patches (the objtool fixes for gcc 12 "
+                    f"and binutils 2.40): nqgen kernel build {recipe} --source {source}")
+    return k
+
+
+def _orc_table(vmlinux: Path) -> tuple[list[int], list[tuple[int, bool]]]:
+    """The kernel's ORC table, sorted by address: (sp_reg, end) for each entry (sp_reg 0: undefined)."""
+    with vmlinux.open("rb") as fh:
+        elf = ELFFile(fh)
+        ip_sec, orc_sec = elf.get_section_by_name(".orc_unwind_ip"), elf.get_section_by_name(".orc_unwind")
+        assert ip_sec is not None and orc_sec is not None, f"{vmlinux} has no ORC table"
+        base = ip_sec["sh_addr"]
+        ips = [base + 4 * i + rel for i, (rel,) in enumerate(struct.iter_unpack("<i", ip_sec.data()))]
+        entries = [(bits & 0xF, bool(bits >> 10 & 1)) for _, _, bits in struct.iter_unpack("<hhH", orc_sec.data())]
+    order = sorted(range(len(ips)), key=ips.__getitem__)
+    return [ips[i] for i in order], [entries[i] for i in order]
+
+
+def _return_addresses(vmlinux: Path, start: int, end: int) -> list[int]:
+    """The address after every call instruction in [start, end): where a sleeping task's stack points."""
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={start:#x}",
+                          f"--stop-address={end:#x}", str(vmlinux)], capture_output=True, text=True, check=True).stdout
+    insns = [(int(m[1], 16), m[2]) for m in re.finditer(r"^ *([0-9a-f]+):\s+(\S+)", dis, re.MULTILINE)]
+    return [nxt for (_, op), (nxt, _) in itertools.pairwise(insns) if op == "call"]
+
+
+def test_rhel81_orc_unwinds_through_every_call_of_functions_with_a_cold_part() -> None:
+    """gcc >= 9 names a function's cold part "foo.cold"; 4.18's objtool knew only gcc 8's "foo.cold.N", took each
+    jump into it for a sibling call, stopped checking foo there and left the rest of foo with undefined ORC
+    entries. The unwinder then fails at a return address there, save_stack_trace_tsk_reliable() too, and a
+    livepatch's enable transition never finishes while a task sleeps there: in the lab, the oom_reaper kthread,
+    for ever (patch 0004). Every call's return address in oom_reaper and in a sample of the other functions with a
+    cold part must unwind (a defined ORC entry, or the end of the stack)."""
+    k = current_build("rhel81")
+    symbols: dict[str, tuple[int, int]] = {}
+    with k.vmlinux.open("rb") as fh:
+        symtab = ELFFile(fh).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
+        for s in symtab.iter_symbols():
+            if s["st_info"]["type"] == "STT_FUNC" and s["st_size"]:
+                symbols[s.name] = (s["st_value"], s["st_value"] + s["st_size"])
+    with_cold = sorted(n for n in symbols if f"{n}.cold" in symbols)
+    assert "oom_reaper" in with_cold and len(with_cold) > 500  # gcc 12 splits off many cold parts
+    sample = ["oom_reaper", *with_cold[:: len(with_cold) // 40]]
+    ips, entries = _orc_table(k.vmlinux)
+    undefined = []
+    for name in sample:
+        for ret in _return_addresses(k.vmlinux, *symbols[name]):
+            sp_reg, end = entries[bisect.bisect_right(ips, ret - 1) - 1]
+            if sp_reg == 0 and not end:
+                undefined.append(f"{name}+{ret - symbols[name][0]:#x}")
+    assert undefined == [], f"{len(undefined)} return addresses without ORC data: {undefined[:20]}"

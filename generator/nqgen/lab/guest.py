@@ -261,8 +261,16 @@ def _livepatch_wait_block(lp_dir: str, loaded_var: str) -> str:
         "\t\tusleep 100000\n\t\ti=$((i + 1))\n\tdone\n"
         '\tEN=$(cat "$LP/enabled" 2>/dev/null || echo missing)\n'
         '\tTR=$(cat "$LP/transition" 2>/dev/null || echo missing)\n'
+        # the tasks still unpatched (patch_state 0) keep the transition open: name them (4.12+ has the file)
+        '\tPEND=""\n'
+        '\tif [ "$TR" = 1 ]; then\n'
+        "\t\tfor t in /proc/[0-9]*/task/[0-9]*; do\n"
+        '\t\t\t[ "$(cat "$t/patch_state" 2>/dev/null)" = 0 ] || continue\n'
+        '\t\t\tPEND="$PEND${PEND:+ }$(tr -d \'"\\\\ \' < "$t/comm" 2>/dev/null):${t##*/}"\n'
+        "\t\tdone\n"
+        "\tfi\n"
         '\temit "{\\"type\\":\\"livepatch\\",\\"enabled\\":\\"$EN\\",\\"transition\\":\\"$TR\\",'
-        '\\"waited_ms\\":$((i * 100))}"\n'
+        '\\"waited_ms\\":$((i * 100)),\\"pending\\":\\"$PEND\\"}"\n'
         "fi"
     )
 

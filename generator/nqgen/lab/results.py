@@ -502,8 +502,9 @@ def _apply_record(run: RunResult, rec: dict[str, Any], log: list[str]) -> None:
     elif kind == "livepatch":
         run.livepatch = {k: v for k, v in rec.items() if k != "type"}
         if rec.get("enabled") != "1" or rec.get("transition") != "0":
+            pending = f"; tasks not yet switched: {rec['pending']}" if rec.get("pending") else ""
             run.errors.append(f"livepatch not fully applied (enabled {rec.get('enabled')}, "
-                              f"transition {rec.get('transition')})")
+                              f"transition {rec.get('transition')}{pending})")
     elif kind == "patched":
         run.patched[str(rec.get("function"))] = bool(rec.get("present"))
         if not rec.get("present"):
