@@ -11,6 +11,7 @@ check against it says "declared exported in the source", not "exported by the bu
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from .errors import InputError
 
 # EXPORT_SYMBOL*(), EXPORT_PER_CPU_SYMBOL*(), and arch macros wrapping them (__EXPORT_THUNK(...))
 _PATTERN = r"(EXPORT_SYMBOL|EXPORT_PER_CPU_SYMBOL|__EXPORT_[A-Z]+)[A-Z_]*[[:space:]]*\([^)]*\)"
-_NAME = re.compile(r"^([A-Z_]+)[^(]*\(\s*([A-Za-z0-9_]+)\s*(##)?")
+_NAME = re.compile(r"^([A-Z_]+)[^(]*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*(##|[,)])")
 _SKIP = ("Documentation", "tools", "scripts", "samples", "usr", ".git")
 
 
@@ -49,7 +50,11 @@ def scan(tree: Path) -> SourceExports:
         raise InputError("grep is missing")
     cmd = [grep, "-rhoE", "--include=*.c", "--include=*.S", "--include=*.h",
            *(f"--exclude-dir={d}" for d in _SKIP), _PATTERN, "."]
-    res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
+    # bytes as bytes (LC_ALL=C), decoded without failing: a source file in Latin-1 is not an error (grep's output
+    # was decoded strictly in the caller's locale: UnicodeDecodeError under LC_ALL=C)
+    env = {**os.environ, "LC_ALL": "C"}
+    res = subprocess.run(cmd, cwd=tree, capture_output=True, encoding="utf-8", errors="replace", env=env,
+                         check=False)  # fmt: skip
     if res.returncode not in (0, 1):
         raise InputError(f"cannot scan {tree} for exports: {res.stderr.strip()}")
     names: set[str] = set()
@@ -59,7 +64,7 @@ def scan(tree: Path) -> SourceExports:
         if m is None:
             continue
         name = m.group(2)
-        if m.group(3):
+        if m.group(3) == "##":
             if len(name) >= 4:  # a pasted name: keep its fixed part as a prefix
                 prefixes.add(name)
         else:
