@@ -32,6 +32,7 @@ _PATH = click.Path(path_type=Path)
 @click.option("--modules-dir", type=_PATH, help="The /lib/modules/<release> tree of that kernel.")
 @click.option("--kdir", type=_PATH, help="Kernel build tree to build the lab's helper modules against.")
 @click.option("--timeout", type=click.FloatRange(5, 3600), default=400.0, show_default=True, help="Seconds.")
+@click.option("--force", is_flag=True, help="Write into --out even when it is a link or was not created by nqgen.")
 def lab_hookswap(
     out: Path,
     scenario: Kind,
@@ -43,10 +44,12 @@ def lab_hookswap(
     modules_dir: Path | None,
     kdir: Path | None,
     timeout: float,
+    force: bool,
 ) -> None:
     """Boot the kernel under qemu (TCG) once for one hook-swap scenario and write out/hookswap-<scenario>.json."""
-    if not out.is_dir():
-        raise InputError(f"--out {out}: no such directory (run nqgen --strategy hook-swap first)")
+    from ..generate import check_generated
+
+    check_generated(out, force)
     for p in params:
         if "=" not in p:
             raise InputError(f"--param {p}: expected NAME=VALUE")
