@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shlex
 import shutil
 import tarfile
@@ -358,3 +359,20 @@ def test_an_oversized_header_is_refused_before_it_is_read(tmp_path: Path, monkey
         res = outcome(lambda: headers.scan(headers.locate(kdir)))
     assert isinstance(res, InputError) and "larger than 16 MiB" in str(res), res
     os.truncate(kdir / headers.NETFILTER_H, 0)
+
+
+def test_a_damaged_hook_typedef_is_quoted_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (make fuzz, 5.15 tree): a netfilter.h whose nf_hookfn typedef swallowed the next 1500 characters
+    was quoted whole in the one-line error; now the quote stops at 160 characters."""
+    monkeypatch.setenv("NQGEN_NO_CACHE", "1")
+    kdir = tmp_path / "kdir"
+    shutil.copytree(HEADER_TREES / "5.15", kdir)
+    header = kdir / headers.NETFILTER_H
+    junk = "struct sk_buff *skb, " * 100
+    text, n = re.subn(r"typedef\s+unsigned\s+int\s+nf_hookfn\([^;]*;",
+                      f"typedef unsigned int nf_hookfn(void *priv, {junk}int (*okfn)(struct sk_buff *));",
+                      header.read_text(), count=1)  # fmt: skip
+    assert n == 1
+    header.write_text(text)
+    res = outcome(lambda: headers.scan(headers.locate(kdir)))
+    assert isinstance(res, NqgenError) and len(str(res)) < 600, (len(str(res)), res)

@@ -228,10 +228,11 @@ def read_source(path: Path) -> str:
     """A header, C source, Makefile or .config of the tree as text (undecodable bytes replaced), at most MAX_SOURCE."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_SOURCE + 1)
+            size = os.fstat(fh.fileno()).st_size  # refused before a byte is read; 0: a pseudo file
+            data = b"" if size > MAX_SOURCE else fh.read((size or MAX_SOURCE) + 1)
     except OSError as exc:
         raise errors.InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_SOURCE:
+    if size > MAX_SOURCE or len(data) > MAX_SOURCE:
         raise errors.InputError(f"{path}: larger than {MAX_SOURCE >> 20} MiB: not a kernel source file")
     return data.decode("utf-8", "replace")
 
@@ -362,6 +363,11 @@ class HeaderFacts:
     netns_hooks_ipv4: bool | None = None  # struct netns_nf has hooks_ipv4[]; None: header not in the tree
 
 
+def _short(text: str, limit: int = 160) -> str:
+    """Header text quoted in a message: a damaged header can make a 'parameter list' of kilobytes."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _hookfn(text: str) -> tuple[str, str]:
     params = find_params(text, r"typedef\s+unsigned\s+int\s+nf_hookfn")
     if params is None:
@@ -372,15 +378,15 @@ def _hookfn(text: str) -> tuple[str, str]:
     elif "okfn" in last:
         # upstream 3.10-3.12: (unsigned int hooknum, skb, in, out, okfn); nqgen's okfn hooks take the ops
         raise errors.NotApplicableError(
-            f"{NETFILTER_H}: typedef nf_hookfn({compact(params)}) starts with '{compact([first])}', not "
-            "'const struct nf_hook_ops *ops' (upstream 3.10-3.12 form): nqgen emits no hook of that form"
+            f"{NETFILTER_H}: typedef nf_hookfn({_short(compact(params))}) starts with '{_short(compact([first]))}', "
+            "not 'const struct nf_hook_ops *ops' (upstream 3.10-3.12 form): nqgen emits no hook of that form"
         )
     elif "nf_hook_state" in last and first.startswith("void"):
         form = "priv_state"
     elif "nf_hook_state" in last and "nf_hook_ops" in first:
         form = "ops_state"
     else:
-        raise errors.InputError(f"unrecognised nf_hookfn typedef in {NETFILTER_H}: ({compact(params)})")
+        raise errors.InputError(f"unrecognised nf_hookfn typedef in {NETFILTER_H}: ({_short(compact(params))})")
     return form, f"typedef nf_hookfn({compact(params)})"
 
 
