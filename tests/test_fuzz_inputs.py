@@ -36,12 +36,6 @@ from nqgen.pkg import archive, frompkg
 from test_fuzz import FUZZ, bounded_memory, mutated, outcome, workdir
 from test_headers import FIXTURES as HEADER_TREES
 
-
-def one_line(exc: BaseException) -> None:
-    msg = str(exc)
-    assert msg and "\n" not in msg and "\r" not in msg, repr(msg)
-
-
 # --- the kernel release of a headers tree --------------------------------------------------------------------------
 
 _RELEASE = st.from_regex(r"\A[0-9]\.[0-9]{1,2}(\.[0-9]{1,3})?[A-Za-z0-9._+~-]{0,40}\Z")
@@ -157,12 +151,8 @@ def test_fuzz_targets_list_hostile(fleet_base: Path) -> None:
     @given(st.one_of(mutated(seed), token_lines, st.binary(max_size=400)))
     def case(data: bytes) -> None:
         spec.write_bytes(data)
-        try:
-            got = outcome(lambda: fleet_targets.load(spec))
-        except NqgenError as exc:  # UsageError (exit 2) for a malformed list: one line as well
-            one_line(exc)
-            return
-        if isinstance(got, InputError):
+        got = outcome(lambda: fleet_targets.load(spec))
+        if isinstance(got, NqgenError):  # UsageError (exit 2) for a malformed list, one line (checked by outcome)
             return
         names = [t.name for t in got]
         assert got and len(set(names)) == len(names)
