@@ -130,7 +130,11 @@ def test_a_new_conntrack_registration_never_runs_the_original_confirm(built: tup
     result = run_scenario(cfg, manifest, Scenario(kind="window", samples=4))
     d = result.to_dict()
     assert not result.problems, d
-    assert result.windows_us == [0, 0, 0, 0], d
+    # IPv4 and IPv6, in a fresh namespace and registered again there after conntrack let go of it: every new
+    # confirm slot was already swapped when nf_ct_netns_get() returned
+    kinds = result.windows_by_kind
+    assert sorted(kinds) == ["IPv4 again", "IPv4 new", "IPv6 again", "IPv6 new"], d
+    assert all(w == [0, 0, 0, 0] for w in kinds.values()), d
 
 
 @pytest.mark.vm

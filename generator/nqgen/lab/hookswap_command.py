@@ -82,7 +82,8 @@ def lab_hookswap(
             for c in result.cycles
         ))
     elif scenario == "window":
-        click.echo(f"window: {data['windows_us']} us (max {data['window_ms_max']} ms)")
+        by_kind = "; ".join(f"{k}: {v}" for k, v in result.windows_by_kind.items())
+        click.echo(f"window (us): {by_kind} (max {data['window_ms_max']} ms)")
     else:
         click.echo(f"unmatched: counter {result.unmatched}, warned {result.warned}")
     click.echo(f"wrote {path}")
