@@ -70,7 +70,11 @@ def _kind(path: Path, head: bytes) -> str | None:
 def _read_at_most(fh: BinaryIO, limit: int) -> bytes:
     """Up to ``limit`` bytes of ``fh``, in chunks: ``fh.read(limit)`` would allocate ``limit`` bytes at once (8 GiB
     of address space for one small compressed module: a MemoryError where overcommit is strict or RLIMIT_AS is
-    set). procfs files (/proc/kallsyms, /proc/config.gz) report size 0, so the size cannot be asked first."""
+    set). A regular file is read in one call of its own size (+1, to see one that grew); procfs files
+    (/proc/kallsyms, /proc/config.gz) report size 0 and are read in chunks."""
+    size = os.fstat(fh.fileno()).st_size
+    if size:
+        return fh.read(min(size + 1, limit))
     chunks, total = [], 0
     while total < limit:
         chunk = fh.read(min(_CHUNK, limit - total))
