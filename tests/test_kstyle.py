@@ -80,6 +80,10 @@ def test_every_generated_tree_passes_checkpatch_strict(
     ref = find_built()
     if ref is not None:
         built.append(("reference", ["--kdir", str(ref.kdir), "--module", str(ref_conntrack(ref))]))
+    for flavour in ("rt-amd64", "cloud-amd64"):  # Debian's other flavours (PREEMPT_RT, cloud config) if installed
+        kdir = debian_flavour_kdir(debian, flavour)
+        if (kdir / "Makefile").is_file():
+            built.append((f"debian-{flavour}", ["--kdir", str(kdir), "--module", str(debian.nf_conntrack)]))
     # one nqgen (a process of its own) per core at a time
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         debian_tree = pool.submit(
