@@ -61,6 +61,9 @@ class Scenario:
     delay_ms: int = 300  # race: each registration is held this long between copy and publish
     samples: int = 8  # window: rounds of fresh namespaces (one per family, each measured twice: new and again)
     params: tuple[str, ...] = ()  # the module's parameters (default: none, its own interval_ms)
+    # window: disarm every kprobe after the load (debugfs kprobes/enabled = 0), so the module's kretprobe on
+    # nf_hook_entries_grow never fires: what a kernel without kretprobes, or a missed one, leaves to the rescan
+    kprobes_off: bool = False
 
 
 @dataclass
@@ -149,6 +152,7 @@ class ScenarioResult:
             "module": self.module,
             "release": self.release,
             "params": list(self.params),
+            "kprobes_enabled": next((r.get("enabled") for r in self.records if r.get("type") == "kprobes"), None),
             "append": APPEND,
             "seconds": self.seconds,
             "guest_exit": self.guest_exit,
@@ -185,6 +189,8 @@ def render_init(sc: Scenario, deps: tuple[GuestModule, ...], helper: GuestModule
             f"load helper {_q(helper.name)} {_q(helper.path)} false {helper_params} || finish {EXIT_HELPER_FAILED}"
         )
     race_params = f"delay_ms={sc.delay_ms}" + (" fake_confirm=1" if sc.kind == "unmatched" else "")
+    if sc.kind == "window":
+        race_params += " limit_ms=15000"  # the rescan fallback takes up to interval_ms; a loaded host adds more
     lines.append(f"load helper {HELPER} {HELPER_GUEST} false {race_params} || finish {EXIT_HELPER_FAILED}")
     load = f"load mitigation {m} {_q(mitigation.path)} false {params}"
     if sc.kind == "race":
@@ -217,6 +223,12 @@ def render_init(sc: Scenario, deps: tuple[GuestModule, ...], helper: GuestModule
         lines.append(f"log before-unload\nrmmod {m}")
     else:
         lines.append(f"{load} || finish {EXIT_HELPER_FAILED}")
+        if sc.kprobes_off:
+            lines.append(
+                "mount -t debugfs none /sys/kernel/debug 2>/dev/null\n"
+                "echo 0 > /sys/kernel/debug/kprobes/enabled || finish " + str(EXIT_HELPER_FAILED) + "\n"
+                'emit "{\\"type\\":\\"kprobes\\",\\"enabled\\":$(cat /sys/kernel/debug/kprobes/enabled)}"'
+            )
         # per sample and family, one fresh namespace: conntrack's hooks registered there for the first time
         # ("new"), then, after the helper put conntrack back (hooks unregistered), registered again ("again")
         lines.append(
