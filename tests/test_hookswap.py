@@ -145,3 +145,16 @@ def test_a_load_that_recognises_no_confirm_slot_warns_and_counts(built: tuple[Pa
     d = result.to_dict()
     assert not result.problems, d
     assert result.unmatched >= 1 and result.warned, d
+
+
+@pytest.mark.vm
+def test_without_the_kretprobe_a_new_registration_waits_for_the_rescan(built: tuple[Path, LabConfig]) -> None:
+    """The control for the test above: with every kprobe disarmed after the load, the same measurement sees each
+    new confirm slot run the original until a rescan swaps it (so a 0 above is the kretprobe's doing, not a
+    measurement that cannot see a window)."""
+    out, cfg = built
+    (manifest,) = discover(out, ("hook-swap",))
+    result = run_scenario(cfg, manifest, Scenario(kind="window", samples=2, kprobes_off=True))
+    d = result.to_dict()
+    assert not result.problems and d["kprobes_enabled"] == 0, d
+    assert len(result.windows_us) == 8 and all(w is not None and w > 0 for w in result.windows_us), d
