@@ -50,7 +50,7 @@ checkpatch: deps
 # Every input reader under hypothesis: 10 000 cases per reader (make test runs 150 per reader).
 FUZZ_EXAMPLES ?= 10000
 fuzz: deps
-	NQGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	NQGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) nice -n 10 $(PY) -m pytest -q --durations=0 tests/test_fuzz.py tests/test_fuzz_inputs.py
 
 # Load/unload soak of every strategy under churn (issue 12): SOAK_CYCLES per strategy, on the Debian kernel
 # ($(OUT)-soak) and, when it is built (make repro-kernel), on the KASAN reference kernel ($(OUT)-soak-ref).

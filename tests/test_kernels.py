@@ -232,7 +232,7 @@ def test_source_exports_names_and_pasted_prefixes(tmp_path: Path) -> None:
         scan(tmp_path)
 
 
-def test_source_exports_are_scanned_once_per_tree_and_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_source_exports_are_scanned_once_per_tree_in_a_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fleet repeats a tree under many targets: grep runs once per tree, a second tree gets its own answer."""
     import subprocess
 
@@ -248,10 +248,14 @@ def test_source_exports_are_scanned_once_per_tree_and_process(tmp_path: Path, mo
     monkeypatch.setattr(srcexports.subprocess, "run", counting_run)
     one, two = _tree(tmp_path / "one"), _tree(tmp_path / "two")
     (two / "kernel" / "extra.c").write_text("EXPORT_SYMBOL_GPL(only_in_two);\n")
-    first, again = scan(one), scan(one)
-    assert first.names == again.names and "only_in_two" not in first.names
-    assert "only_in_two" in scan(two).names
+    with srcexports.remembered():
+        first, again = scan(one), scan(one)
+        assert first.names == again.names and "only_in_two" not in first.names
+        assert "only_in_two" in scan(two).names
     assert calls == [one.resolve(), two.resolve()]
+    # outside a fleet a tree may change between two calls: it is scanned again
+    (one / "kernel" / "later.c").write_text("EXPORT_SYMBOL(added_later);\n")
+    assert "added_later" in scan(one).names and len(calls) == 3
 
 
 def test_finished_steps_survive_a_restart(tmp_path: Path) -> None:

@@ -1,11 +1,12 @@
 """The generated kernel C held to kernel standards (issue 12 part 4).
 
-- checkpatch: every tree nqgen generates — for the Debian kernel and for every generation of the fixture matrix
-  — passes the kernel's own ``scripts/checkpatch.pl --no-tree --strict`` (from Debian's linux-source-6.1) with
+- checkpatch: every tree nqgen generates — for the Debian kernel, for every generation of the fixture matrix and
+  for every real build tree in the kernel cache (the RHEL kernels built from source, the reference kernel) —
+  passes the kernel's own ``scripts/checkpatch.pl --no-tree --strict`` (from Debian's linux-source-6.1) with
   no finding at all (no error, warning or CHECK). Identical files are checked once.
 - W=1: every strategy builds with ``W=1`` (-Wextra, -Wmissing-prototypes, ...) without a single warning against
   every header tree that can compile here: Debian's amd64 build tree (rt and cloud: test_generations, also with
-  W=1), and the RHEL trees engineer
+  W=1), the KASAN reference kernel's tree when ``make repro-kernel`` has built it, and the RHEL trees engineer
   rhelbuild's builder leaves in ``$NQGEN_CACHE/kernels/<recipe>/<key>/kernel.json`` when they are built. For
   those old trees, warnings the compiler raises inside the kernel's own headers are not ours to fix; a warning
   located in a generated file fails the test.
@@ -26,7 +27,7 @@ import pytest
 from conftest import DebianKernel, make_jobs, run_nqgen
 from elffixtures import build_module
 from nqgen import kstyle
-from nqgen.reprokernel import CACHE_ENV, DEFAULT_CACHE, SOURCE_TARBALL
+from nqgen.reprokernel import CACHE_ENV, DEFAULT_CACHE, SOURCE_TARBALL, ReproKernel, find_built
 from nqgen.strategies import NAMES
 from test_generations import CASES
 from test_headers import FIXTURES as HEADER_TREES
@@ -72,13 +73,25 @@ def test_every_generated_tree_passes_checkpatch_strict(
         ko = build_module(work, case.source, case.ko, case.cflags)
         return generate(["--kdir", str(HEADER_TREES / generation), "--module", str(ko)], work)
 
+    # and every real build tree there is: the RHEL kernels built from source and the reference kernel (their
+    # generated trees differ from the fixtures' where the real headers decide: 4.18's and 3.10's exact layouts)
+    built = [(name, ["--kdir", str(kdir), *(a for m in mods for a in ("--module", str(m)))])
+             for name, kdir, mods in rhel_trees()]  # fmt: skip
+    ref = find_built()
+    if ref is not None:
+        built.append(("reference", ["--kdir", str(ref.kdir), "--module", str(ref_conntrack(ref))]))
+    for flavour in ("rt-amd64", "cloud-amd64"):  # Debian's other flavours (PREEMPT_RT, cloud config) if installed
+        kdir = debian_flavour_kdir(debian, flavour)
+        if (kdir / "Makefile").is_file():
+            built.append((f"debian-{flavour}", ["--kdir", str(kdir), "--module", str(debian.nf_conntrack)]))
     # one nqgen (a process of its own) per core at a time
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         debian_tree = pool.submit(
             generate, ["--kdir", str(debian.kdir), "--module", str(debian.nf_conntrack)], tmp_path / "debian"
         )
         fixture_trees = list(pool.map(fixture_tree, sorted(CASES)))
-    trees = [debian_tree.result(), *fixture_trees]
+        built_trees = list(pool.map(lambda b: generate(b[1], tmp_path / "built" / b[0]), built))
+    trees = [debian_tree.result(), *fixture_trees, *built_trees]
     files = unique_sources(trees)
     assert len(files) >= 20, files
     findings = kstyle.run(files, checkpatch_pl)
@@ -153,6 +166,22 @@ def test_debian_trees_build_with_w1_without_warnings(debian: DebianKernel, flavo
         text=True,
         timeout=300,
     ).stdout, "W=1 did not reach Kbuild"
+    warnings = [line for line in log.splitlines() if re.search(r"\bwarning\b", line, re.IGNORECASE)]
+    assert not warnings, "\n".join(warnings)
+
+
+def ref_conntrack(ref: ReproKernel) -> Path:
+    return ref.modules_dir / "kernel/net/netfilter/nf_conntrack.ko"
+
+
+def test_reference_tree_builds_with_w1_without_warnings(tmp_path: Path) -> None:
+    """The KASAN reference kernel (6.1 with the fix reverted, built here by make repro-kernel) is a full tree with
+    another configuration than Debian's (KASAN, its own ftrace options): every strategy, W=1, not one warning."""
+    ref = find_built()
+    if ref is None:
+        pytest.skip("the reference kernel is not built (make repro-kernel)")
+    out = generate(["--kdir", str(ref.kdir), "--module", str(ref_conntrack(ref))], tmp_path)
+    log = build_w1(out)
     warnings = [line for line in log.splitlines() if re.search(r"\bwarning\b", line, re.IGNORECASE)]
     assert not warnings, "\n".join(warnings)
 

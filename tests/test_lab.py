@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from nqgen.errors import EXIT_LAB, InputError
+from nqgen.generate import OUT_MARKER
 from nqgen.lab.build import build_module, build_programs
 from nqgen.lab.guest import GuestModule, GuestPlan, Workload, render_init
 from nqgen.lab.initramfs import Cpio
@@ -183,8 +184,9 @@ MODULE_INFO(livepatch, "Y");
 def _module_out(
     out: Path, strategy: str, name: str, source: str, kdir: Path, counters: list[str], unload: str = "rmmod"
 ) -> None:
-    """Build ``source`` as out/<strategy>/<name>.ko with its nqgen-module.json."""
+    """Build ``source`` as out/<strategy>/<name>.ko with its nqgen-module.json (and out/ marked as nqgen's)."""
     ko = build_module(source, name, kdir, out / strategy / "build")
+    (out / OUT_MARKER).write_text("laid out by tests/test_lab.py as nqgen lays out a generated tree\n")
     (out / strategy / f"{name}.ko").write_bytes(ko.read_bytes())
     manifest: dict[str, object] = {
         "strategy": strategy,

@@ -6,12 +6,17 @@ and left exactly as it was; ``--force`` replaces it (a link itself, never the di
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import run_nqgen
 from elffixtures import build_module
+from nqgen.bench.command import prepare_out
+from nqgen.errors import InputError
+from nqgen.generate import OUT_MARKER
 from test_generations import CASES
 from test_headers import FIXTURES as HEADER_TREES
 
@@ -81,3 +86,81 @@ def test_own_and_empty_directories_are_replaced(module: Path, tmp_path: Path) ->
     rc, err = gen(module, out)  # nqgen's own: replaced whole without --force
     assert rc == 0, err
     assert not (out / "stale-file").exists() and (out / "ftrace" / "Kbuild").is_file()
+
+
+# --- every other command that writes into an --out of its own -----------------------------------------------------
+
+
+def _foreign(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """An --out that nqgen must not write into: (the path given, the directory whose content must not change)."""
+    precious = tmp_path / "precious"
+    (precious / "src").mkdir(parents=True)
+    (precious / "src" / "work.c").write_text("int main(void) { return 0; }\n")
+    (precious / "bench.json").write_text("{}\n")  # names the commands write, so an overwrite would show
+    (precious / "lab-logs").mkdir()
+    if kind == "symlink":
+        (tmp_path / "out").symlink_to(precious)
+        return tmp_path / "out", precious
+    if kind == "file":
+        (tmp_path / "out").write_text("a file\n")
+        return tmp_path / "out", precious
+    return precious, precious
+
+
+COMMANDS = {
+    "fleet": lambda out, lst: ["--strategy", "ftrace", "--targets", str(lst), "--out", str(out)],
+    "bench": lambda out, _l: ["-m", "nqgen.bench", "--out", str(out), "--no-whole", "--no-cost", "--fleet-targets",
+                              "0", "--rounds", "1"],
+    "lab": lambda out, _l: ["lab", "--out", str(out)],
+    "lab-hookswap": lambda out, _l: ["lab-hookswap", "--scenario", "window", "--out", str(out)],
+    "soak": lambda out, _l: ["-m", "nqgen.lab.soak", "--out", str(out)],
+}
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file", "foreign"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_writing_command_refuses_what_nqgen_did_not_create(
+    module: Path, tmp_path: Path, command: str, kind: str
+) -> None:
+    out, precious = _foreign(tmp_path, kind)
+    before, file_before = snapshot(precious), out.read_bytes() if out.is_file() else None
+    lst = tmp_path / "targets"
+    lst.write_text(f"k1 --kdir {HEADER_TREES / GENERATION} --module {module}\n")
+    args = COMMANDS[command](out, lst)
+    if args[0] == "-m":
+        cmd = [sys.executable, *args]
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    else:
+        res = run_nqgen(args, tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "c")})
+    errors = [line for line in res.stderr.splitlines() if "warning" not in line]
+    assert res.returncode == 3 and len(errors) == 1, (res.returncode, res.stderr)
+    expect = {"symlink": "is a symbolic link", "file": "not a directory", "foreign": "not created by nqgen"}[kind]
+    assert expect in errors[0] and "Traceback" not in res.stderr, errors
+    assert snapshot(precious) == before and (out.read_bytes() if out.is_file() else None) == file_before
+    assert out.is_symlink() == (kind == "symlink")
+
+
+def test_fleet_force_replaces_a_link_not_its_target(module: Path, tmp_path: Path) -> None:
+    out, precious = _foreign(tmp_path, "symlink")
+    before = snapshot(precious)
+    lst = tmp_path / "targets"
+    lst.write_text(f"k1 --kdir {HEADER_TREES / GENERATION} --module {module}\n")
+    res = run_nqgen(["--strategy", "ftrace", "--targets", str(lst), "--out", str(out), "--force"], tmp_path,
+                    env={"XDG_CACHE_HOME": str(tmp_path / "c")})  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert not out.is_symlink() and (out / "k1" / "ftrace" / "Kbuild").is_file() and (out / ".nqgen-out").is_file()
+    assert snapshot(precious) == before
+
+
+def test_bench_out_is_marked_and_reused_and_force_replaces_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "out-bench"
+    prepare_out(out, force=False)  # created and marked
+    (out / "bench.json").write_text("{}\n")
+    prepare_out(out, force=False)  # its own: reused
+    assert (out / OUT_MARKER).is_file() and (out / "bench.json").is_file()
+    other = tmp_path / "file"
+    other.write_text("x\n")
+    with pytest.raises(InputError, match="not a directory"):
+        prepare_out(other, force=False)
+    prepare_out(other, force=True)
+    assert other.is_dir() and (other / OUT_MARKER).is_file()

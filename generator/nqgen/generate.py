@@ -37,14 +37,33 @@ def check_out(out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise InputError(f"output path {out} exists and is not a directory{hint}")
-    if (out / OUT_MARKER).is_file() or not any(out.iterdir()):
+    if is_nqgen_out(out) or not any(out.iterdir()):
         return
-    try:
-        if "nqgen_version" in json.loads((out / "inputs.json").read_text()):
-            return
-    except (OSError, ValueError, TypeError):
-        pass
     raise InputError(f"output directory {out} was not created by nqgen{hint}")
+
+
+def is_nqgen_out(out: Path) -> bool:
+    """``out`` is a directory nqgen created (its marker, or an earlier nqgen's inputs.json)."""
+    if (out / OUT_MARKER).is_file():
+        return True
+    try:
+        return "nqgen_version" in json.loads((out / "inputs.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_generated(out: Path, force: bool, option: str = "--out") -> None:
+    """Commands that write into a generated tree (lab, lab-hookswap, soak): ``out`` must be a directory nqgen
+    created, given as itself; a symbolic link, a file or a foreign directory is refused unless ``force``."""
+    hint = "; pass --force to use it anyway"
+    if out.is_symlink() and not force:
+        raise InputError(f"{option} {out} is a symbolic link{hint}")
+    if not out.exists():
+        raise InputError(f"{option} {out}: no such directory (run nqgen first)")
+    if not out.is_dir():
+        raise InputError(f"{option} {out}: not a directory")
+    if not force and not is_nqgen_out(out):
+        raise InputError(f"{option} {out} was not created by nqgen (no {OUT_MARKER}){hint}")
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,24 @@ def compact(params: list[str]) -> str:
 # Locating the headers
 
 
+# The largest file read here (net/netfilter/nf_conntrack_core.c, netdevice.h, a distribution .config) is well under
+# 1 MiB; a larger one is refused before it is read, so a hostile tree (a sparse 100 GiB "netfilter.h") costs nothing.
+MAX_SOURCE = 16 * 1024 * 1024
+
+
+def read_source(path: Path) -> str:
+    """A header, C source, Makefile or .config of the tree as text (undecodable bytes replaced), at most MAX_SOURCE."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size  # refused before a byte is read; 0: a pseudo file
+            data = b"" if size > MAX_SOURCE else fh.read((size or MAX_SOURCE) + 1)
+    except OSError as exc:
+        raise errors.InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if size > MAX_SOURCE or len(data) > MAX_SOURCE:
+        raise errors.InputError(f"{path}: larger than {MAX_SOURCE >> 20} MiB: not a kernel source file")
+    return data.decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class HeaderTree:
     """A headers/build tree: ``kdir`` plus the source trees it points to (Debian's ``-common``)."""
@@ -238,10 +256,7 @@ class HeaderTree:
         path = self.find(rel)
         if path is None:
             return None
-        try:
-            return clean_source(path.read_text(encoding="utf-8", errors="replace"))
-        except OSError as exc:
-            raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+        return clean_source(read_source(path))
 
     def relpath(self, rel: str) -> str:
         """``rel`` as found, for evidence lines (the root is named when it is not kdir)."""
@@ -273,10 +288,7 @@ def _source_roots(kdir: Path) -> list[Path]:
     candidates: list[Path] = []
     makefile = kdir / MAKEFILE
     if makefile.is_file():
-        try:
-            text = makefile.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
+        text = read_source(makefile)
         if not re.search(r"^VERSION\s*=", text, re.M):
             candidates += [Path(m.group(1)) for m in _MAKEFILE_INCLUDE.finditer(text)]
     candidates += [kdir / "source", kdir.parent / "source"]
@@ -290,10 +302,7 @@ def _source_roots(kdir: Path) -> list[Path]:
 
 def _arch(kdir: Path) -> str:
     config = kdir / ".config"
-    try:
-        text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
-    except OSError:
-        text = ""
+    text = read_source(config) if config.is_file() else ""
     for option, arch in _ARCH_BY_CONFIG:
         if re.search(rf"^{option}=y$", text, re.M):
             return arch
@@ -354,6 +363,11 @@ class HeaderFacts:
     netns_hooks_ipv4: bool | None = None  # struct netns_nf has hooks_ipv4[]; None: header not in the tree
 
 
+def _short(text: str, limit: int = 160) -> str:
+    """Header text quoted in a message: a damaged header can make a 'parameter list' of kilobytes."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _hookfn(text: str) -> tuple[str, str]:
     params = find_params(text, r"typedef\s+unsigned\s+int\s+nf_hookfn")
     if params is None:
@@ -364,15 +378,15 @@ def _hookfn(text: str) -> tuple[str, str]:
     elif "okfn" in last:
         # upstream 3.10-3.12: (unsigned int hooknum, skb, in, out, okfn); nqgen's okfn hooks take the ops
         raise errors.NotApplicableError(
-            f"{NETFILTER_H}: typedef nf_hookfn({compact(params)}) starts with '{compact([first])}', not "
-            "'const struct nf_hook_ops *ops' (upstream 3.10-3.12 form): nqgen emits no hook of that form"
+            f"{NETFILTER_H}: typedef nf_hookfn({_short(compact(params))}) starts with '{_short(compact([first]))}', "
+            "not 'const struct nf_hook_ops *ops' (upstream 3.10-3.12 form): nqgen emits no hook of that form"
         )
     elif "nf_hook_state" in last and first.startswith("void"):
         form = "priv_state"
     elif "nf_hook_state" in last and "nf_hook_ops" in first:
         form = "ops_state"
     else:
-        raise errors.InputError(f"unrecognised nf_hookfn typedef in {NETFILTER_H}: ({compact(params)})")
+        raise errors.InputError(f"unrecognised nf_hookfn typedef in {NETFILTER_H}: ({_short(compact(params))})")
     return form, f"typedef nf_hookfn({compact(params)})"
 
 
@@ -419,10 +433,7 @@ def _tree_version(tree: HeaderTree) -> tuple[int, int, int] | None:
     for root in tree.roots:
         path = root / MAKEFILE
         if path.is_file():
-            try:
-                version = _version(path.read_text(encoding="utf-8", errors="replace"))
-            except OSError:
-                continue
+            version = _version(read_source(path))
             if version is not None:
                 return version
     return None
@@ -451,10 +462,7 @@ def _config_option(tree: HeaderTree, option: str) -> bool | None:
     path = tree.kdir / DOT_CONFIG
     if not path.is_file():
         return None
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+    text = read_source(path)
     return re.search(rf"^{option}=[ym]$", text, re.M) is not None
 
 

@@ -11,10 +11,12 @@ check against it says "declared exported in the source", not "exported by the bu
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from .errors import InputError
 
 # EXPORT_SYMBOL*(), EXPORT_PER_CPU_SYMBOL*(), and arch macros wrapping them (__EXPORT_THUNK(...))
 _PATTERN = r"(EXPORT_SYMBOL|EXPORT_PER_CPU_SYMBOL|__EXPORT_[A-Z]+)[A-Z_]*[[:space:]]*\([^)]*\)"
-_NAME = re.compile(r"^([A-Z_]+)[^(]*\(\s*([A-Za-z0-9_]+)\s*(##)?")
+_NAME = re.compile(r"^([A-Z_]+)[^(]*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*(##|[,)])")
 _SKIP = ("Documentation", "tools", "scripts", "samples", "usr", ".git")
 
 
@@ -41,27 +43,49 @@ def is_source_tree(kdir: Path) -> bool:
     return (kdir / "kernel/module.c").is_file() and (kdir / "net/core/dev.c").is_file()
 
 
-def scan(tree: Path) -> SourceExports:
-    """Every ``EXPORT_SYMBOL*()`` declaration under ``tree`` (C, assembler and headers).
+_remembered: dict[Path, SourceExports] | None = None
 
-    A grep over a whole source tree costs 1-2 s; one process (a fleet worker, ``verify`` after ``generate``) scans a
-    tree once and keeps the answer, keyed by its resolved path and the mtime of its top-level ``Makefile``.
+
+@contextlib.contextmanager
+def remembered() -> Iterator[None]:
+    """Within this block each tree is scanned once (a fleet repeats trees, and nothing edits them during the run).
+
+    A grep over a whole source tree costs 1-2 s; a fleet with a source tree repeated under many targets paid it for
+    every target. Outside such a block every call scans again: a tree may change between calls.
     """
+    global _remembered
+    saved = _remembered
+    _remembered = {} if saved is None else saved
+    try:
+        yield
+    finally:
+        _remembered = saved
+
+
+def scan(tree: Path) -> SourceExports:
+    """Every ``EXPORT_SYMBOL*()`` declaration under ``tree`` (C, assembler and headers)."""
     if not is_source_tree(tree):
         raise InputError(f"{tree} is not a kernel source tree (no kernel/module.c, net/core/dev.c)")
+    if _remembered is None:
+        return _scan(tree)
     resolved = tree.resolve()
-    found = _scan_once(resolved, (resolved / "Makefile").stat().st_mtime_ns if (resolved / "Makefile").exists() else 0)
+    if resolved not in _remembered:
+        _remembered[resolved] = _scan(resolved)
+    found = _remembered[resolved]
     return SourceExports(tree=tree, names=found.names, prefixes=found.prefixes)
 
 
-@functools.lru_cache(maxsize=32)
-def _scan_once(tree: Path, _stamp: int) -> SourceExports:
+def _scan(tree: Path) -> SourceExports:
     grep = shutil.which("grep")
     if grep is None:
         raise InputError("grep is missing")
     cmd = [grep, "-rhoE", "--include=*.c", "--include=*.S", "--include=*.h",
            *(f"--exclude-dir={d}" for d in _SKIP), _PATTERN, "."]
-    res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
+    # bytes as bytes (LC_ALL=C), decoded without failing: a source file in Latin-1 is not an error (grep's output
+    # was decoded strictly in the caller's locale: UnicodeDecodeError under LC_ALL=C)
+    env = {**os.environ, "LC_ALL": "C"}
+    res = subprocess.run(cmd, cwd=tree, capture_output=True, encoding="utf-8", errors="replace", env=env,
+                         check=False)  # fmt: skip
     if res.returncode not in (0, 1):
         raise InputError(f"cannot scan {tree} for exports: {res.stderr.strip()}")
     names: set[str] = set()
@@ -71,7 +95,7 @@ def _scan_once(tree: Path, _stamp: int) -> SourceExports:
         if m is None:
             continue
         name = m.group(2)
-        if m.group(3):
+        if m.group(3) == "##":
             if len(name) >= 4:  # a pasted name: keep its fixed part as a prefix
                 prefixes.add(name)
         else:

@@ -326,13 +326,15 @@ HOOK_SWAP_UNDO = (
     "repeats until a pass after that barrier finds none; synchronize_net()"
 )
 HOOK_SWAP_WINDOW_RISK = (
-    "4.16+: a conntrack hook registered while loaded (a new container's first conntrack rule) is swapped "
-    "before publication; measured in the lab (Debian 6.1 under qemu, `nqgen.lab.hookswap` window "
-    "scenario, 8 fresh namespaces): already swapped when nf_ct_netns_get() returned in 8 of 8, where the "
-    "rescan-only module left each new confirm "
+    "4.16+: a conntrack hook registered while loaded (a new container's first conntrack rule, or conntrack's "
+    "hooks registered again on demand after its last user let go) is swapped before publication: window 0; "
+    "measured in the lab (Debian 6.1 under qemu, `nqgen.lab.hookswap` window scenario: 8 fresh namespaces per "
+    "family, each enabling conntrack twice): already swapped when nf_ct_netns_get() returned in 32 of 32 "
+    "(IPv4 and IPv6, new and re-registered), where the rescan-only module left each new confirm "
     "slot on the original for 831-1015 ms (mean 911 ms, default interval_ms=1000). Without kretprobes "
-    "(or on a missed one) the rescan still takes up to interval_ms; RHEL 7 (global lists) has no kretprobe "
-    "path: an nf_conntrack_ipv6 loaded later runs the original until the rescan"
+    "(or on a missed one) the rescan takes about interval_ms: 983-1021 ms in 32 of 32 with every kprobe "
+    "disarmed (the rescan queued when a namespace is created runs before conntrack registers there); RHEL 7 "
+    "(global lists) has no kretprobe path: an nf_conntrack_ipv6 loaded later runs the original until the rescan"
 )
 HOOK_SWAP_BARRIER_RISK = "the unload barrier flushes the NFQUEUE instances of init_net (any hook unregistration does)"
 # What those say on a kernel with one global hook table (3.10's nf_hooks[pf][hooknum] lists of the registered

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from nqgen.errors import InputError
 from nqgen.profile import ConfigFlags, Symbol
@@ -67,6 +68,24 @@ def _kind(path: Path, head: bytes) -> str | None:
     return compression
 
 
+def _read_at_most(fh: BinaryIO, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``fh``, in chunks: ``fh.read(limit)`` would allocate ``limit`` bytes at once (8 GiB
+    of address space for one small compressed module: a MemoryError where overcommit is strict or RLIMIT_AS is
+    set). A regular file is read in one call of its own size (+1, to see one that grew); procfs files
+    (/proc/kallsyms, /proc/config.gz) report size 0 and are read in chunks."""
+    size = os.fstat(fh.fileno()).st_size
+    if size:
+        return fh.read(min(size + 1, limit))
+    chunks, total = [], 0
+    while total < limit:
+        chunk = fh.read(min(_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
 def read_elf_input(path: Path) -> tuple[bytes | mmap.mmap, str | None]:
     """An ELF input for parsing: a plain file mapped read-only (its size is its own, not a bomb: a 1 GiB debug
     vmlinux costs page cache, not heap), a compressed one decompressed up to :func:`decompression_cap`."""
@@ -82,7 +101,7 @@ def read_elf_input(path: Path) -> tuple[bytes | mmap.mmap, str | None]:
                     raise InputError(f"{path}: larger than {MAX_INPUT >> 20} MiB")
                 return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), None
             fh.seek(0)
-            raw = fh.read(MAX_INPUT + 1)
+            raw = _read_at_most(fh, MAX_INPUT + 1)
     except OSError as exc:
         raise _open_error(path, exc) from None
     if len(raw) > MAX_INPUT:
@@ -94,7 +113,7 @@ def read_capped(path: Path, cap: int = MAX_DECOMPRESSED) -> tuple[bytes, str | N
     """The file's bytes, decompressed when it is xz/zstd/gzip (by magic), and the compression used."""
     try:
         with open(path, "rb") as fh:
-            raw = fh.read(cap + 1)
+            raw = _read_at_most(fh, cap + 1)
     except OSError as exc:
         raise _open_error(path, exc) from None
     compression = _kind(path, raw)
@@ -417,15 +436,21 @@ def kernel_release(kdir: Path) -> str:
         m = _UTS.search(read_text(uts))
         if m is None:
             raise InputError(f"{uts}: no UTS_RELEASE definition")
-        return m[1]
+        return _checked_release(uts, m[1])
     rel = Path(kdir) / "include/config/kernel.release"
     if rel.is_file():
-        text = read_text(rel).strip()
-        if not text or any(c.isspace() for c in text):
-            raise InputError(f"{rel}: not a kernel release string")
-        return text
+        return _checked_release(rel, read_text(rel).strip())
     raise InputError(f"{kdir}: neither include/generated/utsrelease.h nor include/config/kernel.release: "
                      "not a prepared kernel tree")  # fmt: skip
+
+
+def _checked_release(path: Path, release: str) -> str:
+    """What ``uname -r`` can print: 1-64 printable characters without blanks (it names /lib/modules/<release>
+    and goes into the generated modules' vermagic and file names)."""
+    if not release or len(release) > 64 or not release.isprintable() or any(c.isspace() for c in release) or \
+            "/" in release or release in (".", ".."):
+        raise InputError(f"{path}: not a kernel release string: {release[:80]!r}")
+    return release
 
 
 def release_version(release: str) -> tuple[int, int, int]:

@@ -59,6 +59,20 @@ def lab_cost(out: Path, kdir: Path, module: Path, plan: CostPlan,
             "results": [r.to_dict() for r in results]}
 
 
+def prepare_out(out: Path, force: bool) -> None:
+    """``--out`` as the other commands treat it: a link, a file or a foreign non-empty directory is refused
+    without ``--force`` (bench writes bench.json, kallsyms.txt, elf-107k and fleet/ into it); marked as nqgen's."""
+    from ..generate import OUT_MARKER, check_out
+
+    check_out(out, force)
+    if force and (out.is_symlink() or (out.exists() and not out.is_dir())):
+        out.unlink()  # --force replaces a link or a file (never what a link points to), as nqgen --out does
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / OUT_MARKER
+    if not marker.is_file():
+        marker.write_text("created by nqgen bench: its results, rewritten by every run\n")
+
+
 def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | None = None,
         fleet_count: int = 0, strategies: tuple[str, ...] = COST_STRATEGIES) -> dict[str, object]:
     cases: list[SymbolCase | Skipped] = []
@@ -142,9 +156,15 @@ def run(out: Path, rounds: int, *, with_whole: bool = True, cost: CostPlan | Non
 @click.option("--cost-strategies", default=",".join(COST_STRATEGIES), show_default=True)
 @click.option("--cost-icount", type=click.IntRange(0, 10), default=None,
               help="Run the cost boots under qemu -icount shift=N (guest clock = instructions; slow under TCG).")
+@click.option("--force", is_flag=True, help="Write into --out even when it is a link, a file or not nqgen's.")
 def main(out: Path, rounds: int, no_whole: bool, no_cost: bool, fleet_targets: int, cost_pairs: int,
-         cost_datagrams: int, cost_repeat: int, cost_strategies: str, cost_icount: int | None) -> None:
+         cost_datagrams: int, cost_repeat: int, cost_strategies: str, cost_icount: int | None, force: bool) -> None:
     """Benchmarks side by side with binutils and unpatched phases, as ratios (nothing here asserts a time)."""
+    try:
+        prepare_out(out, force)
+    except NqgenError as exc:
+        click.echo(f"nqgen bench: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     cost = None if no_cost else CostPlan(pairs=cost_pairs, datagrams=cost_datagrams, repeat=cost_repeat,
                                          icount=cost_icount)
     strategies = tuple(s for s in cost_strategies.split(",") if s)

@@ -124,6 +124,14 @@ class FleetRun:
 def run_fleet(targets: Sequence[Target], options: FleetOptions, stage: Path, jobs: int,
               progress: Callable[[TargetResult], None] = lambda _r: None) -> FleetRun:  # fmt: skip
     """Generate every target into ``stage/<name>``; ``jobs`` worker processes (1: in this process)."""
+    from nqgen import srcexports
+
+    with srcexports.remembered():  # forked workers inherit it: each scans a repeated source tree once
+        return _run_fleet(targets, options, stage, jobs, progress)
+
+
+def _run_fleet(targets: Sequence[Target], options: FleetOptions, stage: Path, jobs: int,
+               progress: Callable[[TargetResult], None]) -> FleetRun:  # fmt: skip
     t0 = time.monotonic()
     by_name: dict[str, TargetResult] = {}
     if jobs <= 1:

@@ -17,7 +17,10 @@
  * (nf_ct_netns_get(), what the first conntrack rule of a new container does) and measures in
  * window_us how long its IPv4 POST_ROUTING confirm slot still calls the function its ops
  * registered (the original confirm) after the registration returned: 0 when it was already
- * swapped, -1 when it still was not after limit_ms.
+ * swapped, -1 when it still was not after limit_ms. family=6 measures IPv6 instead
+ * (nf_ct_netns_get(NFPROTO_IPV6) and its POST_ROUTING confirm slot). Each measure puts
+ * conntrack back, so a second measure in the same namespace measures conntrack's hooks
+ * registered again on demand there.
  *
  * fake_confirm=1 (at load) registers a no-op hook at conntrack's confirm priority in init_net: what
  * a kernel whose confirm slots hold addresses hook-swap cannot recognise (CFI jump tables) shows.
@@ -31,6 +34,7 @@
 #include <linux/module.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter_ipv4.h>
+#include <linux/netfilter_ipv6.h>
 #include <linux/nsproxy.h>
 #include <linux/ptrace.h>
 #include <linux/sched.h>
@@ -67,6 +71,10 @@ static unsigned long nqlab_watched[NQLAB_MAX_WATCHED];
 static unsigned int nqlab_nwatched;
 module_param_named(watched, nqlab_nwatched, uint, 0444);
 MODULE_PARM_DESC(watched, "hook addresses of module watch recorded at the last race=1");
+
+static unsigned int family = 4;
+module_param(family, uint, 0644);
+MODULE_PARM_DESC(family, "measure: 4 (IPv4) or 6 (IPv6)");
 
 static long window_us = -2;
 module_param(window_us, long, 0444);
@@ -281,20 +289,29 @@ static const struct kernel_param_ops nqlab_race_ops = {
 module_param_cb(race, &nqlab_race_ops, &nqlab_racing, 0644);
 MODULE_PARM_DESC(race, "1: start registrations held between copy and publish; 0: stop and check");
 
-/* True when the confirm slot of IPv4 POST_ROUTING in @net calls another function than its ops. */
-static int nqlab_confirm_swapped(struct net *net)
+/* True when the confirm slot of POST_ROUTING (@pf) in @net calls another function than its ops. */
+static int nqlab_confirm_swapped(struct net *net, u8 pf)
 {
-	struct nf_hook_entries *e;
+	struct nf_hook_entries *e = NULL;
 	struct nf_hook_ops **ops;
 	int found = -1;
+	int prio;
 	unsigned int i;
 
 	rcu_read_lock();
-	e = rcu_dereference(net->nf.hooks_ipv4[NF_INET_POST_ROUTING]);
+	if (pf == NFPROTO_IPV4) {
+		e = rcu_dereference(net->nf.hooks_ipv4[NF_INET_POST_ROUTING]);
+		prio = NF_IP_PRI_CONNTRACK_CONFIRM;
+	} else {
+#if IS_ENABLED(CONFIG_IPV6)
+		e = rcu_dereference(net->nf.hooks_ipv6[NF_INET_POST_ROUTING]);
+#endif
+		prio = NF_IP6_PRI_LAST;
+	}
 	if (e) {
 		ops = nf_hook_entries_get_hook_ops(e);
 		for (i = 0; i < e->num_hook_entries; i++) {
-			if (ops[i]->priority != NF_IP_PRI_CONNTRACK_CONFIRM)
+			if (ops[i]->priority != prio)
 				continue;
 			found = READ_ONCE(e->hooks[i].hook) != ops[i]->hook;
 			break;
@@ -307,11 +324,13 @@ static int nqlab_confirm_swapped(struct net *net)
 static int nqlab_measure_set(const char *val, const struct kernel_param *kp)
 {
 	struct net *net = get_net(current->nsproxy->net_ns);
+	u8 pf = READ_ONCE(family) == 6 ? NFPROTO_IPV6 : NFPROTO_IPV4;
 	bool first = true;
 	u64 start, limit;
 	int ret, swapped;
 
-	ret = nf_ct_netns_get(net, NFPROTO_IPV4);
+	window_us = -2;
+	ret = nf_ct_netns_get(net, pf);
 	if (ret)
 		goto out;
 	start = ktime_get_ns();
@@ -320,7 +339,7 @@ static int nqlab_measure_set(const char *val, const struct kernel_param *kp)
 	for (;;) {
 		u64 now = ktime_get_ns();
 
-		swapped = nqlab_confirm_swapped(net);
+		swapped = nqlab_confirm_swapped(net, pf);
 		if (swapped < 0) {
 			ret = -ENOENT;
 			break;
@@ -334,9 +353,9 @@ static int nqlab_measure_set(const char *val, const struct kernel_param *kp)
 		first = false;
 		usleep_range(200, 400);
 	}
-	pr_info("nqlab_hookrace: confirm slot of a new registration swapped after %ld us\n",
-		window_us);
-	nf_ct_netns_put(net, NFPROTO_IPV4);
+	pr_info("nqlab_hookrace: IPv%u confirm slot of a new registration swapped after %ld us\n",
+		pf == NFPROTO_IPV6 ? 6 : 4, window_us);
+	nf_ct_netns_put(net, pf);
 out:
 	put_net(net);
 	return ret;

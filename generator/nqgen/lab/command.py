@@ -115,6 +115,7 @@ def _progress(verbose: bool) -> Any:
               help="node scenario: getaddrinfo lookups per family.")
 @click.option("--lookup-deadline", type=click.IntRange(5, 3600), default=30, show_default=True,
               help="node scenario: seconds after which no new lookup starts (a KASAN kernel needs more).")
+@click.option("--force", is_flag=True, help="Write into --out even when it is a link or was not created by nqgen.")
 def lab(
     out: Path,
     kernel: Path | None,
@@ -138,10 +139,12 @@ def lab(
     scenario: str,
     lookups: int,
     lookup_deadline: int,
+    force: bool,
 ) -> None:
     """Boot the kernel under qemu (TCG): baselines, then one boot per generated strategy, and report."""
-    if not out.is_dir():
-        raise InputError(f"--out {out}: no such directory (run nqgen first)")
+    from ..generate import check_generated
+
+    check_generated(out, force)
     inputs = _inputs(out)
     release = inputs.get("release") if isinstance(inputs.get("release"), str) else None
     if kdir is None and inputs.get("kdir"):

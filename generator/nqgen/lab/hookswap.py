@@ -7,7 +7,9 @@ the helper checks that no hook table of init_net points at an address no symbol 
 text); a health flow then runs through POST_ROUTING, where such a pointer is executed.
 
 ``window``: from a fresh network namespace the helper enables conntrack (the first conntrack rule of a
-new container) and measures how long the new confirm slot still calls the original confirm.
+new container) and measures how long the new confirm slot still calls the original confirm, for IPv4 and
+IPv6; it then puts conntrack back (its hooks are unregistered) and enables it again in the same namespace:
+the hooks re-registered on demand are measured as well.
 
 ``unmatched``: conntrack is loaded but not enabled in init_net, and the helper registers a no-op hook at the
 confirm priority there (what a kernel whose confirm slots hold unrecognisable addresses, CFI, shows): the module
@@ -57,8 +59,11 @@ class Scenario:
     cycles: int = 3  # race: load/unload cycles (the boot stops at the first stale pointer)
     race_ms: int = 600  # race: registrations run this long before each unload
     delay_ms: int = 300  # race: each registration is held this long between copy and publish
-    samples: int = 8  # window: fresh namespaces measured
+    samples: int = 8  # window: rounds of fresh namespaces (one per family, each measured twice: new and again)
     params: tuple[str, ...] = ()  # the module's parameters (default: none, its own interval_ms)
+    # window: disarm every kprobe after the load (debugfs kprobes/enabled = 0), so the module's kretprobe on
+    # nf_hook_entries_grow never fires: what a kernel without kretprobes, or a missed one, leaves to the rescan
+    kprobes_off: bool = False
 
 
 @dataclass
@@ -86,6 +91,15 @@ class ScenarioResult:
     @property
     def windows_us(self) -> list[int | None]:
         return [r.get("window_us") for r in self.records if r.get("type") == "window"]
+
+    @property
+    def windows_by_kind(self) -> dict[str, list[int | None]]:
+        """window: the measured windows per "IPv<family> <phase>" (new namespace / registered again there)."""
+        out: dict[str, list[int | None]] = {}
+        for r in self.records:
+            if r.get("type") == "window":
+                out.setdefault(f"IPv{r.get('family', 4)} {r.get('phase', 'new')}", []).append(r.get("window_us"))
+        return out
 
     @property
     def problems(self) -> list[str]:
@@ -138,6 +152,7 @@ class ScenarioResult:
             "module": self.module,
             "release": self.release,
             "params": list(self.params),
+            "kprobes_enabled": next((r.get("enabled") for r in self.records if r.get("type") == "kprobes"), None),
             "append": APPEND,
             "seconds": self.seconds,
             "guest_exit": self.guest_exit,
@@ -145,6 +160,7 @@ class ScenarioResult:
             "completed": self.completed,
             "cycles": [{k: v for k, v in c.items() if k not in ("type", "dmesg_b64")} for c in self.cycles],
             "windows_us": self.windows_us,
+            "windows_by_kind": self.windows_by_kind,
             "window_ms_max": round(max(w) / 1000, 1) if w else None,
             "window_ms_mean": round(sum(w) / len(w) / 1000, 1) if w else None,
             "exercised": self.exercised if self.kind == "race" else None,
@@ -173,6 +189,8 @@ def render_init(sc: Scenario, deps: tuple[GuestModule, ...], helper: GuestModule
             f"load helper {_q(helper.name)} {_q(helper.path)} false {helper_params} || finish {EXIT_HELPER_FAILED}"
         )
     race_params = f"delay_ms={sc.delay_ms}" + (" fake_confirm=1" if sc.kind == "unmatched" else "")
+    if sc.kind == "window":
+        race_params += " limit_ms=15000"  # the rescan fallback takes up to interval_ms; a loaded host adds more
     lines.append(f"load helper {HELPER} {HELPER_GUEST} false {race_params} || finish {EXIT_HELPER_FAILED}")
     load = f"load mitigation {m} {_q(mitigation.path)} false {params}"
     if sc.kind == "race":
@@ -205,13 +223,29 @@ def render_init(sc: Scenario, deps: tuple[GuestModule, ...], helper: GuestModule
         lines.append(f"log before-unload\nrmmod {m}")
     else:
         lines.append(f"{load} || finish {EXIT_HELPER_FAILED}")
+        if sc.kprobes_off:
+            lines.append(
+                "mount -t debugfs none /sys/kernel/debug 2>/dev/null\n"
+                "echo 0 > /sys/kernel/debug/kprobes/enabled || finish " + str(EXIT_HELPER_FAILED) + "\n"
+                'emit "{\\"type\\":\\"kprobes\\",\\"enabled\\":$(cat /sys/kernel/debug/kprobes/enabled)}"'
+            )
+        # per sample and family, one fresh namespace: conntrack's hooks registered there for the first time
+        # ("new"), then, after the helper put conntrack back (hooks unregistered), registered again ("again")
         lines.append(
             "i=1\n"
             f"while [ $i -le {sc.samples} ]; do\n"
-            '\tW=$(unshare -n sh -c "echo 1 > $P/measure && cat $P/window_us" 2>/tmp/m.err)\n'
-            "\tcase \"$W\" in ''|*[!0-9-]*) W=null;; esac\n"
-            '\temit "{\\"type\\":\\"window\\",\\"sample\\":$i,\\"window_us\\":$W,'
-            '\\"stderr_b64\\":\\"$(b64 /tmp/m.err)\\"}"\n'
+            "\tfor fam in 4 6; do\n"
+            "\t\techo $fam > $P/family\n"
+            '\t\tW=$(unshare -n sh -c "echo 1 > $P/measure && cat $P/window_us && echo 1 > $P/measure && '
+            'cat $P/window_us" 2>/tmp/m.err)\n'
+            "\t\tset -- $W\n"
+            "\t\tfor phase in new again; do\n"
+            "\t\t\tW=$1; shift 2>/dev/null\n"
+            "\t\t\tcase \"$W\" in ''|*[!0-9-]*) W=null;; esac\n"
+            '\t\t\temit "{\\"type\\":\\"window\\",\\"sample\\":$i,\\"family\\":$fam,\\"phase\\":\\"$phase\\",'
+            '\\"window_us\\":$W,\\"stderr_b64\\":\\"$(b64 /tmp/m.err)\\"}"\n'
+            "\t\tdone\n"
+            "\tdone\n"
             "\tusleep $(( (i * 137) % 500 * 1000 ))\n"
             "\ti=$((i + 1))\n"
             "done"

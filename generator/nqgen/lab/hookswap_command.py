@@ -32,6 +32,9 @@ _PATH = click.Path(path_type=Path)
 @click.option("--modules-dir", type=_PATH, help="The /lib/modules/<release> tree of that kernel.")
 @click.option("--kdir", type=_PATH, help="Kernel build tree to build the lab's helper modules against.")
 @click.option("--timeout", type=click.FloatRange(5, 3600), default=400.0, show_default=True, help="Seconds.")
+@click.option("--kprobes-off", is_flag=True,
+              help="window: disarm all kprobes after the load, so only the rescan swaps new registrations.")
+@click.option("--force", is_flag=True, help="Write into --out even when it is a link or was not created by nqgen.")
 def lab_hookswap(
     out: Path,
     scenario: Kind,
@@ -43,10 +46,13 @@ def lab_hookswap(
     modules_dir: Path | None,
     kdir: Path | None,
     timeout: float,
+    kprobes_off: bool,
+    force: bool,
 ) -> None:
     """Boot the kernel under qemu (TCG) once for one hook-swap scenario and write out/hookswap-<scenario>.json."""
-    if not out.is_dir():
-        raise InputError(f"--out {out}: no such directory (run nqgen --strategy hook-swap first)")
+    from ..generate import check_generated
+
+    check_generated(out, force)
     for p in params:
         if "=" not in p:
             raise InputError(f"--param {p}: expected NAME=VALUE")
@@ -68,7 +74,8 @@ def lab_hookswap(
         timeout=timeout,
         logs_dir=out / "lab-logs",
     )
-    sc = Scenario(kind=scenario, cycles=cycles, delay_ms=delay_ms, samples=samples, params=params)
+    sc = Scenario(kind=scenario, cycles=cycles, delay_ms=delay_ms, samples=samples, params=params,
+                  kprobes_off=kprobes_off)  # fmt: skip
     result = run_scenario(config, manifest, sc)
     data = result.to_dict()
     path = out / f"hookswap-{scenario}.json"
@@ -79,7 +86,8 @@ def lab_hookswap(
             for c in result.cycles
         ))
     elif scenario == "window":
-        click.echo(f"window: {data['windows_us']} us (max {data['window_ms_max']} ms)")
+        by_kind = "; ".join(f"{k}: {v}" for k, v in result.windows_by_kind.items())
+        click.echo(f"window (us): {by_kind} (max {data['window_ms_max']} ms)")
     else:
         click.echo(f"unmatched: counter {result.unmatched}, warned {result.warned}")
     click.echo(f"wrote {path}")

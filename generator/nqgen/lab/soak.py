@@ -615,8 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kdir", type=Path)
     ap.add_argument("--hold-ms", type=int, default=150)
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per boot")
+    ap.add_argument("--force", action="store_true", help="use --out even when it is a link or not nqgen's")
     args = ap.parse_args(argv)
     try:
+        from ..generate import check_generated
+
+        check_generated(args.out, args.force)
         inputs = json.loads((args.out / "inputs.json").read_text())
         release = str(inputs["release"])
         kdir: Path = args.kdir or Path(str(inputs["kdir"]))
