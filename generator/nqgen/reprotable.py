@@ -199,7 +199,8 @@ def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list
         f" {lab['vm'].get('smp', 2)} vCPUs, {lab['vm'].get('memory', '?')}; {lab['date']}; host: {_machine(lab)}.",
         f"Workload per boot: {w['rounds']} flows per family ({', '.join(w['families'])}), {w['threads']} racing"
         f" senders each, ctnetlink listener subscribed; NFQUEUE consumers hold packets {w['queue_delay_us']} us."
-        f" Boots per configuration: {lab['repeat']}.",
+        f" Boots per configuration: {lab['repeat']}; {len(lab['runs'])} boots took"
+        f" {sum(float(r.get('seconds') or 0) for r in lab['runs']) / 60:.1f} min of wall time in all.",
     ]
     if detector := _detector_line(lab):
         lines.append(detector)
