@@ -271,6 +271,12 @@ def test_livepatch_transition_and_clash_free_nfqueue_rows_are_said_as_measured()
         " in 1 of 1 boot(s)" in text
     assert "livepatch not fully applied (enabled N, transition N) (1/1)" in text
     assert "- ftrace+nfqueue: no clash reached the confirm with every packet queued" in text
+    # unqueued, a replacing strategy that saw no clash has not shown anything
+    quiet = _run_dict("stop-hook", "stop-hook", 0, 4000)
+    quiet["derived"]["detector_clashes"] = 0  # type: ignore[index]
+    lab["runs"] = [quiet]
+    assert judge(summarize(lab), need_baseline=False) == [
+        "stop-hook: no clash in 1 boot(s): the race was not exercised"]
 
 
 def test_boots_of_later_runs_pool_with_earlier_ones_and_short_forms_need_no_baseline() -> None:

@@ -146,6 +146,10 @@ def judge(summaries: list[ConfigSummary], need_baseline: bool = True) -> list[st
             problems.append(f"{s.name}: {s.died} boot(s) did not finish ({s.panics} panic(s), {s.timeouts} timeout(s))")
         if not any(s.corrected):
             problems.append(f"{s.name}: the corrected confirm never ran")
+        if not s.nfqueue and s.clashres and not any(s.clashres):
+            # unqueued, the race must happen for "no stale use" to mean anything (queued, a kernel may resolve
+            # every clash at reinject before the confirm: 4.18)
+            problems.append(f"{s.name}: no clash in {len(s.clashres)} boot(s): the race was not exercised")
     return problems
 
 
