@@ -190,7 +190,8 @@ def _did_not_finish(s: ConfigSummary) -> str:
 
 def _shown(flag: str) -> bool:
     """Lab problems the table's columns already show."""
-    return any(w in flag for w in ("stale use", "kernel report", "timed out", "guest did not finish"))
+    return any(w in flag for w in ("stale use", "kernel report", "timed out", "guest did not finish",
+                                   "livepatch not fully applied"))
 
 
 def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list[str], title: str) -> str:
@@ -227,14 +228,15 @@ def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list
         " read in a boot (it died first) is missing from its list. Evidence of the bug: a stale use or a kernel"
         " report. Corrected confirms: the module's own counter (`hold-ref`: references it held).",
     ]
+    queued_clean = [s.name for s in summaries if s.nfqueue and s.clashres and not any(s.clashres) and not s.evidence]
+    if queued_clean:
+        lines.append(
+            f"- {', '.join(queued_clean)}: no clash reached the confirm with every packet queued (a kernel that"
+            " resolves queued clashes at reinject, like 4.18's `nf_conntrack_update`, swaps the queued packet's"
+            " entry for the winner before the confirm): these rows show the module in the queued path (delivery,"
+            " no stale use, unload), not a clash it resolved."
+        )
     for s in summaries:
-        if s.nfqueue and s.clashres and not any(s.clashres) and not s.evidence:
-            lines.append(
-                f"- {s.name}: no clash reached the confirm with every packet queued (a kernel that resolves"
-                " queued clashes at reinject, like 4.18's `nf_conntrack_update`, swaps the entry before the"
-                " confirm): this row shows the module in the queued path (delivery, no stale use, unload), not a"
-                " clash it resolved."
-            )
         if s.transition_pending:
             lines.append(
                 f"- {s.name}: the livepatch enable transition was still in progress (`transition` 1) when the"
