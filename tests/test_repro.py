@@ -55,7 +55,8 @@ def _rhel_target(recipe: str) -> Target:
     except BuildError as exc:
         pytest.skip(f"{recipe}: {exc}")
     if target is None:
-        pytest.skip(f"the {recipe} kernel is not built: run `nqgen kernel build {recipe}` (15-45 min on 2 cores)")
+        pytest.skip(f"the {recipe} kernel is not built: run `make rhel-kernels` or `nqgen kernel build {recipe}"
+                    " --source DIR` (15-55 min on 2 cores)")
     return target
 
 

@@ -191,13 +191,92 @@ def test_comparison_counts_stale_uses_as_evidence_and_judges_the_replacing_strat
     problems = judge(summaries)
     assert problems == ["livepatch: 2 stale use(s) of released conntrack entries"]
     text = markdown(summaries, lab, problems, "Reproduction on RHEL 7.7")
-    assert "| no mitigation | no | 1 | 1 | 300.0 ± 0.0 | 0.0 ± 0.0 | 510.0 ± 0.0 |" in text
+    assert "| no mitigation | no | 1 | 1 | 30 | 0 | 51 | - | 0 | 0 | 0/0 | none |" in text
+    assert "| ftrace | no | 1 | 0 | 0 | 0 | 51 | 2000 | 0 | 0 |" in text
     assert "nqlab_detect" in text and "**Unexpected:**" in text
     assert "- baseline: 30 stale use(s) over 1 boot(s) (ipv4 30, ipv6 0)" in text
     lab["runs"] = [_run_dict("baseline", None, 0, None)]
     assert judge(summarize(lab))[0].startswith("no baseline showed the bug")
     lab["runs"] = [_run_dict("baseline", None, 0, None, kasan=2)]
     assert judge(summarize(lab)) == []  # a KASAN report is evidence just as well
+
+
+NULL_DEREF_PANIC = """\
+[   12.500000] BUG: unable to handle kernel NULL pointer dereference at 0000000000000010
+[   12.500100] IP: [<ffffffffa0101234>] nf_ct_deliver_cached_events+0x28/0x110 [nf_conntrack]
+[   12.500200] Oops: 0000 [#1] SMP
+[   12.500300] Call Trace:
+[   12.500400]  [<ffffffffa0202345>] ipv6_confirm+0x95/0x140 [nf_conntrack_ipv6]
+[   12.500500]  [<ffffffff81234567>] nf_reinject+0x77/0x1a0
+[   12.500600] ---[ end trace 1234567890abcdef ]---
+[   12.500700] Kernel panic - not syncing: Fatal exception in interrupt
+"""
+
+
+def test_a_panicked_boot_is_counted_and_a_replacing_strategy_that_died_is_not_a_pass() -> None:
+    """3.10 with IPv6 through NFQUEUE panicked the baseline in 3 of 11 boots: the table counts the panic, the run
+    goes on, and a strategy boot that never finished cannot pass as a clean one."""
+    from nqgen.lab.results import find_faults, find_panic
+
+    assert find_panic(NULL_DEREF_PANIC) == "Kernel panic - not syncing: Fatal exception in interrupt"
+    assert find_panic("[    1.0] all well\n") == ""
+    faults = find_faults(NULL_DEREF_PANIC)
+    assert [f.kind for f in faults] == ["BUG"]  # the panic line closes the report; find_panic keeps it apart
+
+    def died(name: str, strategy: str | None, panic: bool) -> dict[str, object]:
+        run = RunResult(name=name, kind="baseline" if strategy is None else "mitigation", strategy=strategy,
+                        module=strategy, nfqueue=True, timed_out=not panic,
+                        panic="Kernel panic - not syncing: Fatal exception in interrupt" if panic else "")
+        before = _lines(stale=0, clashes=0, completed=False).splitlines()[:2]  # died before the workload count
+        apply_results(run, "\n".join(before))
+        run.uptime = {"boot": 2.0, "before": 5.0}  # init ran: the panic came in the workload
+        run.set_faults(find_faults(NULL_DEREF_PANIC) if panic else [])
+        return run.to_dict()
+
+    lab: dict[str, object] = {
+        "workload": {"flows": 1000, "rounds": 500, "threads": 2, "families": ["ipv4", "ipv6"], "queue_delay_us": 200},
+        "kernel": {"release": "3.10.0-dexuan", "kasan": False}, "vm": {"smp": 2, "memory": "1G"}, "repeat": 2,
+        "date": "d", "machine": {}, "guest": {"detector": True},
+        "runs": [died("baseline-nfqueue", None, True), _run_dict("baseline-nfqueue", None, 980, None),
+                 _run_dict("ftrace", "ftrace", 0, 4000), died("ftrace", "ftrace", False)],
+    }
+    base, ftrace = summarize(lab)
+    assert (base.boots, base.panics, base.died, base.boots_with_evidence, base.reports) == (2, 1, 1, 2, 1)
+    assert (ftrace.died, ftrace.timeouts, ftrace.panics) == (1, 1, 0)
+    assert judge([base, ftrace]) == ["ftrace: 1 boot(s) did not finish (0 panic(s), 1 timeout(s))"]
+    text = markdown([base, ftrace], lab, [], "RHEL 7.7")
+    # the panicked boot's stale uses and clashes were never counted: its report is the evidence
+    assert "| no mitigation | yes | 2 | 2 | 980 (980) | 1 (1/0) | 51 (51) | - | 1 | 1 (1 panic) |" in text
+    assert "| ftrace | no | 2 | 0 | 0 (0) | 0 (0/0) | 51 (51) | 4000 (4000) | 0 | 1 (1 timeout) |" in text
+
+
+def test_livepatch_transition_and_clash_free_nfqueue_rows_are_said_as_measured() -> None:
+    livepatch = RunResult(name="livepatch", kind="mitigation", strategy="livepatch", module="nq_livepatch",
+                          nfqueue=False, corrected_counter="corrected")
+    apply_results(livepatch, _lines(stale=0, clashes=30) + "\n" + json.dumps(
+        {"type": "livepatch", "enabled": "1", "transition": "1", "waited_ms": 30000}))
+    livepatch.counters["workload"] = {"corrected": 4000}
+    queued = _run_dict("ftrace+nfqueue", "ftrace", 0, 4000)
+    queued["nfqueue"] = True
+    queued["derived"]["detector_clashes"] = 0  # type: ignore[index]
+    lab: dict[str, object] = {
+        "workload": {"flows": 1000, "rounds": 500, "threads": 2, "families": ["ipv4", "ipv6"], "queue_delay_us": 200},
+        "kernel": {"release": "4.18.0-nqgen-rhel81", "kasan": True}, "vm": {"smp": 2, "memory": "1G"}, "repeat": 1,
+        "date": "d", "machine": {}, "guest": {"detector": True}, "runs": [livepatch.to_dict(), queued],
+    }
+    summaries = summarize(lab)
+    assert summaries[0].transition_pending == 1
+    text = markdown(summaries, lab, judge(summaries, need_baseline=False), "RHEL 8.1")
+    assert "livepatch enable transition was still in progress (`transition` 1) when the lab's wait ended (30 s)" \
+        " in 1 of 1 boot(s)" in text
+    assert "- ftrace+nfqueue: no clash reached the confirm with every packet queued" in text
+    assert "livepatch not fully applied" not in text  # the transition line says it
+    # unqueued, a replacing strategy that saw no clash has not shown anything
+    quiet = _run_dict("stop-hook", "stop-hook", 0, 4000)
+    quiet["derived"]["detector_clashes"] = 0  # type: ignore[index]
+    lab["runs"] = [quiet]
+    assert judge(summarize(lab), need_baseline=False) == [
+        "stop-hook: no clash in 1 boot(s): the race was not exercised"]
 
 
 def test_boots_of_later_runs_pool_with_earlier_ones_and_short_forms_need_no_baseline() -> None:

@@ -81,12 +81,18 @@ def find_target(recipe: str = DEFAULT_RECIPE) -> Target | None:
     return None if built is None else _target(recipe, _title(kernels, recipe), built)
 
 
-def ensure_target(recipe: str = DEFAULT_RECIPE, jobs: int = 2) -> Target:
-    """The built kernel of ``recipe``, building it when it is not in the cache."""
-    if recipe == DEFAULT_RECIPE:
+def ensure_target(recipe: str = DEFAULT_RECIPE, jobs: int = 2, source: Path | None = None) -> Target:
+    """The built kernel of ``recipe`` (of exactly ``source`` when given: a kernel tree, tarball or .src.rpm),
+    building it when it is not in the cache."""
+    if recipe == DEFAULT_RECIPE and source is None:
         return _target(recipe, DEBIAN_TITLE, reprokernel.ensure_built(jobs=jobs))
     kernels = _kernels()
-    return _target(recipe, _title(kernels, recipe), kernels.ensure_built(recipe, jobs=jobs))
+    return _target(recipe, _title(kernels, recipe), kernels.ensure_built(recipe, source, jobs=jobs))
+
+
+def _kasan(kdir: Path) -> bool:
+    config = kdir / ".config"
+    return config.is_file() and "CONFIG_KASAN=y" in config.read_text(errors="replace").splitlines()
 
 
 def _title(kernels: Any, recipe: str) -> str:
@@ -103,14 +109,18 @@ def run(
     lab_args: tuple[str, ...] = (),
     recipe: str = DEFAULT_RECIPE,
     baselines: bool = True,
+    source: Path | None = None,
 ) -> list[str]:
     """Generate, build and measure on the ``recipe`` kernel; the judge's problems (empty: the expected result).
 
     One strategy alone is generated (and built) alone, the cheap short form; ``baselines=False`` boots only the
     strategies, so no boot shows the bug and the judge asks for none.
     """
-    # a finished build of the recipe is used as it is; only when there is none is one built
-    target = find_target(recipe) or ensure_target(recipe, jobs)
+    # with a source, the build of exactly that source (built when not cached); without, a finished build of the
+    # recipe is used as it is and only when there is none is one built
+    target = ensure_target(recipe, jobs, source) if source is not None else (
+        find_target(recipe) or ensure_target(recipe, jobs))
+    click.echo(f"repro: kernel {target.release} ({target.recipe}, {target.image})")
     modules = find_conntrack_modules(target.modules_dir)
     if not modules:
         raise BuildError(f"{target.modules_dir} has no conntrack module: the {recipe} kernel build is incomplete")
@@ -138,6 +148,8 @@ def run(
         # under TCG on a loaded host the boot-time IO-APIC timer check can miss its ticks and panic ("IO-APIC +
         # timer doesn't work!", seen on 4.18 at load 20): skip it, as virtual machines commonly do
         *([] if "--append" in lab_args else ["--append", "no_timer_check"]),
+        # a KASAN 4.18 boot with 1000 racing flows takes minutes under TCG on a shared host (5-11 min at load 20-30)
+        *(["--timeout", "900"] if "--timeout" not in lab_args and _kasan(target.kdir) else []),
         *(a for name in strategies for a in ("--strategy", name)),
         *lab_args,
     ]
@@ -167,6 +179,9 @@ def run(
 @click.option("--recipe", default=DEFAULT_RECIPE, show_default=True,
               help="Kernel to run on: debian61-repro (make repro-kernel) or a recipe of the kernel builder"
                    " (rhel77, rhel81, rhel81-kasan-free).")
+@click.option("--source", type=click.Path(exists=True, path_type=Path),
+              help="The kernel source of the recipe (tree, tarball or .src.rpm): its build is used, and made first"
+                   " when not cached (default: the newest finished build of the recipe, else its usual source).")
 @click.argument("lab_args", nargs=-1)
 def main(
     out: Path,
@@ -177,11 +192,12 @@ def main(
     nfqueue_variants: bool,
     baselines: bool,
     recipe: str,
+    source: Path | None,
     lab_args: tuple[str, ...],
 ) -> None:
     """Build the kernel if needed and run the whole crash comparison on it."""
     try:
-        problems = run(out, repeat, rounds, jobs, strategies, nfqueue_variants, lab_args, recipe, baselines)
+        problems = run(out, repeat, rounds, jobs, strategies, nfqueue_variants, lab_args, recipe, baselines, source)
     except NqgenError as exc:
         click.echo(f"nqgen repro: error: {exc}", err=True)
         sys.exit(exc.exit_code)

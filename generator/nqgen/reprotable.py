@@ -8,8 +8,7 @@ delivery to a conntrack entry whose refcount is 0), the two counted alike.
 from __future__ import annotations
 
 import json
-import math
-import statistics
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,16 @@ class ConfigSummary:
     clashres: list[int] = field(default_factory=list)  # the detector's clashes where it ran, else clashres
     clash_source: str = ""
     corrected: list[int] = field(default_factory=list)
-    died: int = 0  # boots that never finished (panic, hang)
+    died: int = 0  # boots that never finished (panic, hang, timeout)
+    panics: int = 0  # boots whose kernel panicked ("Kernel panic - not syncing")
+    timeouts: int = 0  # boots the lab stopped at its time limit
     lost: int = 0
+    sent: int = 0
+    received: int = 0
+    # livepatch boots whose enable transition had not finished when the lab's wait ended, and the longest wait
+    transition_pending: int = 0
+    transition_wait_ms: int = 0
+    lab_flags: dict[str, int] = field(default_factory=dict)  # the lab's problems per run, counted over boots
     unload_failures: int = 0
     first_report: str = ""
     first_frames: list[str] = field(default_factory=list)
@@ -56,27 +63,10 @@ class ConfigSummary:
     def evidence(self) -> int:
         return self.reports + self.stale
 
-    @property
-    def reports_per_10k(self) -> float:
-        return 10000.0 * self.reports / self.flows if self.flows else math.nan
 
-    def _per_10k(self, counts: list[int]) -> tuple[float, float]:
-        """Mean and sample standard deviation over boots of ``counts`` per 10 000 flows."""
-        if not counts or not self.flows:
-            return (math.nan, math.nan)
-        per_boot_flows = self.flows / self.boots
-        rates = [10000.0 * c / per_boot_flows for c in counts]
-        sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
-        return (statistics.fmean(rates), sd)
-
-    def clashes_per_10k(self) -> tuple[float, float]:
-        return self._per_10k(self.clashres)
-
-    def reports_per_10k_spread(self) -> tuple[float, float]:
-        return self._per_10k(self.per_boot_reports)
-
-    def stale_per_10k_spread(self) -> tuple[float, float]:
-        return self._per_10k(self.per_boot_stale)
+def _flag_key(problem: str) -> str:
+    """A lab problem without its per-boot figures, so the same problem of several boots counts as one kind."""
+    return re.sub(r"\d+", "N", problem)
 
 
 def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
@@ -90,7 +80,9 @@ def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
         reports = [f for f in run["faults"] if f["kind"] in REPORT_KINDS and f.get("phase") != "boot"]
         s.reports += len(reports)
         s.per_boot_reports.append(len(reports))
-        stale = d.get("stale_uses")
+        # a boot that died before the detector's workload count left no count (not a count of 0)
+        counted = run.get("completed") or any((run.get("detector") or {}).get(p) for p in ("workload", "end"))
+        stale = d.get("stale_uses") if counted else None
         if stale is not None:
             s.per_boot_stale.append(int(stale))
             for fam, n in (d.get("stale_by_family") or {}).items():
@@ -102,7 +94,7 @@ def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
                 s.first_frames = list(reports[0].get("frames", []))[:5]
         if reports or stale:
             s.boots_with_evidence += 1
-        if d.get("detector_clashes") is not None:
+        if d.get("detector_clashes") is not None and counted:
             s.clashres.append(int(d["detector_clashes"]))
             s.clash_source = "detector"
         elif "clashres" in (d.get("workload_ct") or {}):
@@ -112,7 +104,20 @@ def summarize(lab: dict[str, Any]) -> list[ConfigSummary]:
             s.corrected.append(int(d["corrected_calls"]))
         if not run.get("completed"):
             s.died += 1
+        if run.get("panic"):
+            s.panics += 1
+        if run.get("timed_out"):
+            s.timeouts += 1
         s.lost += int(d.get("lost") or 0)
+        s.sent += int(d.get("sent") or 0)
+        s.received += int(d.get("received") or 0)
+        lp = run.get("livepatch") or {}
+        if lp and str(lp.get("transition")) != "0":
+            s.transition_pending += 1
+            s.transition_wait_ms = max(s.transition_wait_ms, int(lp.get("waited_ms") or 0))
+        for problem in d.get("problems") or []:
+            key = _flag_key(str(problem))
+            s.lab_flags[key] = s.lab_flags.get(key, 0) + 1
         if run["kind"] == "mitigation" and d.get("unloaded") is False:
             s.unload_failures += 1
     return list(out.values())
@@ -136,13 +141,16 @@ def judge(summaries: list[ConfigSummary], need_baseline: bool = True) -> list[st
             problems.append(f"{s.name}: {s.stale} stale use(s) of released conntrack entries")
         if s.unload_failures:
             problems.append(f"{s.name}: failed to unload in {s.unload_failures} boot(s)")
+        if s.died:
+            # a boot that never finished shows nothing either way: it must not pass as a clean one
+            problems.append(f"{s.name}: {s.died} boot(s) did not finish ({s.panics} panic(s), {s.timeouts} timeout(s))")
         if not any(s.corrected):
             problems.append(f"{s.name}: the corrected confirm never ran")
+        if not s.nfqueue and s.clashres and not any(s.clashres):
+            # unqueued, the race must happen for "no stale use" to mean anything (queued, a kernel may resolve
+            # every clash at reinject before the confirm: 4.18)
+            problems.append(f"{s.name}: no clash in {len(s.clashres)} boot(s): the race was not exercised")
     return problems
-
-
-def _fmt(x: float, digits: int = 1) -> str:
-    return "-" if math.isnan(x) else f"{x:.{digits}f}"
 
 
 def _machine(lab: dict[str, Any]) -> str:
@@ -163,6 +171,29 @@ def _detector_line(lab: dict[str, Any]) -> str:
     return f"No stale-use detector on this kernel: {guest.get('detector_reason')}."
 
 
+def _per_boot(counts: list[int], boots: int) -> str:
+    """``total (a/b/c)`` over the boots that gave the count, ``-`` when none did."""
+    if not counts:
+        return "-"
+    text = str(sum(counts))
+    if boots > 1 or len(counts) > 1:
+        text += f" ({'/'.join(str(c) for c in counts)})"
+    return text
+
+
+def _did_not_finish(s: ConfigSummary) -> str:
+    if not s.died:
+        return "0"
+    why = [f"{n} {what}" for n, what in ((s.panics, "panic"), (s.timeouts, "timeout")) if n]
+    return f"{s.died} ({', '.join(why)})" if why else str(s.died)
+
+
+def _shown(flag: str) -> bool:
+    """Lab problems the table's columns already show."""
+    return any(w in flag for w in ("stale use", "kernel report", "timed out", "guest did not finish",
+                                   "livepatch not fully applied"))
+
+
 def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list[str], title: str) -> str:
     w = lab["workload"]
     k = lab["kernel"]
@@ -173,33 +204,52 @@ def markdown(summaries: list[ConfigSummary], lab: dict[str, Any], problems: list
         f" {lab['vm'].get('smp', 2)} vCPUs, {lab['vm'].get('memory', '?')}; {lab['date']}; host: {_machine(lab)}.",
         f"Workload per boot: {w['rounds']} flows per family ({', '.join(w['families'])}), {w['threads']} racing"
         f" senders each, ctnetlink listener subscribed; NFQUEUE consumers hold packets {w['queue_delay_us']} us."
-        f" Boots per configuration: {lab['repeat']}.",
+        f" Boots per configuration: {lab['repeat']}; {len(lab['runs'])} boots took"
+        f" {sum(float(r.get('seconds') or 0) for r in lab['runs']) / 60:.1f} min of wall time in all.",
     ]
     if detector := _detector_line(lab):
         lines.append(detector)
     lines += [
         "",
-        "| configuration | NFQUEUE | boots | boots with evidence | stale uses per 10k flows (mean ± sd) |"
-        " kernel reports per 10k flows (mean ± sd) | clashes per 10k flows (mean ± sd) | corrected confirms |"
-        " boots that died | lost | first report |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | NFQUEUE | boots | boots with evidence | stale uses (detector) | kernel reports |"
+        " clashes | corrected confirms | panics | did not finish | delivered | first report |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        mean, sd = s.clashes_per_10k()
-        rmean, rsd = s.reports_per_10k_spread()
-        smean, ssd = s.stale_per_10k_spread()
-        corrected = "-" if not s.corrected else f"{statistics.fmean(s.corrected):.0f}/boot"
         lines.append(
             f"| {s.strategy or 'no mitigation'} | {'yes' if s.nfqueue else 'no'} | {s.boots} | {s.boots_with_evidence}"
-            f" | {_fmt(smean)} ± {_fmt(ssd)} | {_fmt(rmean)} ± {_fmt(rsd)} | {_fmt(mean)} ± {_fmt(sd)} | {corrected}"
-            f" | {s.died} | {s.lost} | {s.first_report.replace('|', '/') or 'none'} |"
+            f" | {_per_boot(s.per_boot_stale, s.boots)} | {_per_boot(s.per_boot_reports, s.boots)}"
+            f" | {_per_boot(s.clashres, s.boots)} | {_per_boot(s.corrected, s.boots)} | {s.panics}"
+            f" | {_did_not_finish(s)} | {s.received}/{s.sent} | {s.first_report.replace('|', '/') or 'none'} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        "Cells with several boots give the total and, in parentheses, each boot's count; a count the lab could not"
+        " read in a boot (it died first) is missing from its list. Evidence of the bug: a stale use or a kernel"
+        " report. Corrected confirms: the module's own counter (`hold-ref`: references it held).",
+    ]
+    queued_clean = [s.name for s in summaries if s.nfqueue and s.clashres and not any(s.clashres) and not s.evidence]
+    if queued_clean:
+        lines.append(
+            f"- {', '.join(queued_clean)}: no clash reached the confirm with every packet queued (a kernel that"
+            " resolves queued clashes at reinject, like 4.18's `nf_conntrack_update`, swaps the queued packet's"
+            " entry for the winner before the confirm): these rows show the module in the queued path (delivery,"
+            " no stale use, unload), not a clash it resolved."
+        )
+    for s in summaries:
+        if s.transition_pending:
+            lines.append(
+                f"- {s.name}: the livepatch enable transition was still in progress (`transition` 1) when the"
+                f" lab's wait ended ({s.transition_wait_ms / 1000:.0f} s) in {s.transition_pending} of {s.boots}"
+                " boot(s); its counts above were taken with the transition pending."
+            )
+        flags = [f"{k} ({n}/{s.boots})" for k, n in s.lab_flags.items() if not _shown(k)]
+        if flags:
+            lines.append(f"- {s.name}: the lab also flagged: " + "; ".join(flags))
     sources = {s.clash_source for s in summaries if s.clash_source}
     if sources:
-        lines.append("Clashes: " + ("the detector's count (the skb's entry switched)" if sources == {"detector"}
-                                    else "the detector's count where it ran, else conntrack's clashres") + ".")
-        lines.append("")
+        lines.append("- Clashes: " + ("the detector's count (the skb's entry switched)" if sources == {"detector"}
+                                      else "the detector's count where it ran, else conntrack's clashres") + ".")
     for s in summaries:
         if s.stale:
             fams = ", ".join(f"{fam} {n}" for fam, n in s.stale_by_family.items())

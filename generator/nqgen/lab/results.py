@@ -129,6 +129,7 @@ class RunResult:
     faults: list[Fault] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # lab-side problems (helper not ready, bad lines)
     kernel_log: str = ""
+    panic: str = ""  # the console's "Kernel panic - not syncing: ..." line, "" when the kernel did not panic
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -572,6 +573,16 @@ def _classify(line: str) -> str | None:
         if pattern.search(line):
             return kind
     return None
+
+
+def find_panic(console: str) -> str:
+    """The first "Kernel panic - not syncing" line of the console ("" if none): with ``oops=panic`` an Oops ends
+    the boot there, and ``find_faults`` folds that line into the report it closes, so it is kept apart here."""
+    for raw in console.replace("\r", "").splitlines():
+        line = strip_timestamps(raw).strip()
+        if line.startswith("Kernel panic - not syncing"):
+            return line
+    return ""
 
 
 def find_faults(console: str) -> list[Fault]:

@@ -27,7 +27,7 @@ from .kernel import KernelImage
 from .manifest import Manifest
 from .modtree import ModuleFile, ModuleTree, modinfo, modinfo_depends, modinfo_softdeps, read_module
 from .qemu import QemuConfig, QemuOutcome, boot
-from .results import RunResult, apply_results, find_faults
+from .results import RunResult, apply_results, find_faults, find_panic
 
 LAB_ROOTS = ("nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue")
 # 3.10 and 4.18 keep the per-family conntrack (and its hooks) in modules of their own
@@ -378,6 +378,7 @@ def run_one(guest: Guest, spec: RunSpec, work: Path) -> RunResult:
         why = outcome.qemu_output.strip().splitlines()[-1:] or [f"qemu exit {outcome.exit_code}"]
         result.errors.append(f"the kernel printed nothing on the console ({cfg.kernel.boot_mode} boot): {why[0]}")
     result.set_faults(find_faults(outcome.console))
+    result.panic = find_panic(outcome.console)
     for fault in result.faults[MAX_FAULT_TEXTS:]:
         fault.text = ""  # a KASAN multi-shot run can report hundreds of times: keep titles and frames
     return result
