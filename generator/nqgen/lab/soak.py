@@ -19,6 +19,7 @@ import base64
 import json
 import re
 import shlex
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ from .guest import _PRELUDE, RESULT_TTY
 from .initramfs import Cpio
 from .manifest import Manifest
 from .modtree import ModuleFile
-from .qemu import QemuOutcome
+from .qemu import QemuOutcome, Watcher
 from .results import Fault, find_faults, parse_ct_stat
 from .runner import DEVICE_NODES, Guest, LabConfig, boot_initramfs
+from .soakwatch import SoakWatch
 
 SOAK_HELPER = "nqsoak_ct"
 MARK_ON = "nqsoak: mitigation in force, cycle"  # written to /dev/kmsg once loaded (livepatch: transition done)
@@ -67,6 +69,8 @@ lp_gone() {
 	while [ -e "$1" ] && [ $i -lt 600 ]; do usleep 50000; i=$((i + 1)); done
 	echo $((i * 50))
 }
+# a step of the current cycle on the console (kernel log): a guest that hangs shows where
+mark() { echo "nqsoak: cycle ${c:-0} $1" > /dev/kmsg; }
 """
 
 
@@ -99,10 +103,10 @@ def _unload_cmd(m: SoakModule) -> str:
     if m.livepatch:
         lp = f"/sys/kernel/livepatch/{m.name}"
         return (
-            f'DRC=0; LPW=0; if [ -e {lp} ]; then echo 0 > {lp}/enabled 2>>/tmp/err; DRC=$?; LPW=$(lp_gone {lp}); fi; '
-            f"rmmod {m.name} 2>>/tmp/err; RRC=$?"
+            f"DRC=0; LPW=0; if [ -e {lp} ]; then mark disable; echo 0 > {lp}/enabled 2>>/tmp/err; DRC=$?; "
+            f"LPW=$(lp_gone {lp}); fi; mark rmmod; rmmod {m.name} 2>>/tmp/err; RRC=$?"
         )
-    return f"DRC=0; LPW=0; rmmod {m.name} 2>>/tmp/err; RRC=$?"
+    return f"DRC=0; LPW=0; mark rmmod; rmmod {m.name} 2>>/tmp/err; RRC=$?"
 
 
 def _prologue(helper_params: str | None, deps: list[ModuleFile], release: str) -> list[str]:
@@ -146,13 +150,14 @@ def soak_init(
         # an NFQUEUE consumer that comes and goes (the queue has the bypass flag)
         f"( q=0; while [ ! -e /tmp/stop ]; do /bin/nq_queue -b {qb} -c {qc} -d 200 > /dev/null 2>&1 & QP=$!; "
         "usleep 700000; k=$(up); kill -TERM $QP; wait $QP; "
-        'echo "{\\"type\\":\\"consumer_exit\\",\\"start\\":$k,\\"end\\":$(up)}" >> /tmp/cycles.jsonl; '
+        'echo "{\\"type\\":\\"consumer_exit\\",\\"start\\":$k,\\"end\\":$(up)}" >> /tmp/exits.jsonl; '
         "q=$((q + 1)); echo $q > /tmp/q.count; usleep 300000; done ) &",
         "QL=$!",
         "usleep 500000",
         "c=0",
         f"while [ $c -lt {cycles} ]; do",
         "\tc=$((c + 1)); : > /tmp/err; s=$(up)",
+        "\tmark load",
         f"\t{_load_cmd(mod)} 2>>/tmp/err; LRC=$?",
         f"\t{wait_enable}",
         # markers in the kernel log: a report between these two lines came while the mitigation was in force
@@ -162,11 +167,12 @@ def soak_init(
         "\tu=$(up)",
         f"\t{_unload_cmd(mod)}",
         "\te=$(up)",
-        "\tdmesg -c > /tmp/kmsg",
-        '\techo "{\\"type\\":\\"cycle\\",\\"c\\":$c,\\"start\\":$s,\\"unload\\":$u,\\"end\\":$e,\\"load_rc\\":$LRC,'
+        "\tmark done",
+        "\tdmesg -c > /dev/null",
+        # streamed: the host sees each cycle as it ends (and how far a guest that dies got)
+        '\temit "{\\"type\\":\\"cycle\\",\\"c\\":$c,\\"start\\":$s,\\"unload\\":$u,\\"end\\":$e,\\"load_rc\\":$LRC,'
         '\\"lp_enable_ms\\":$LPE,\\"disable_rc\\":$DRC,\\"lp_gone_ms\\":$LPW,\\"rmmod_rc\\":$RRC,'
-        '\\"err_b64\\":\\"$(b64 /tmp/err)\\"}" >> /tmp/cycles.jsonl',
-        "\tcat /tmp/kmsg >> /tmp/kmsg.all",
+        '\\"netns\\":$(cat /tmp/ns.count 2>/dev/null || echo 0),\\"err_b64\\":\\"$(b64 /tmp/err)\\"}"',
         "done",
         "touch /tmp/stop",
         "wait $TR; wait $NS; wait $QL",
@@ -175,7 +181,7 @@ def soak_init(
         'emit "{\\"type\\":\\"churn\\",\\"netns\\":$(cat /tmp/ns.count 2>/dev/null || echo 0),'
         '\\"queue_consumers\\":$(cat /tmp/q.count 2>/dev/null || echo 0)}"',
         "kill -TERM $EV; wait $EV",
-        "cat /tmp/cycles.jsonl > $R",
+        "cat /tmp/exits.jsonl > $R",
         "cat /tmp/chunks.jsonl > $R",
         "cat /tmp/ev.json > $R",
         f"finish {EXIT_DONE}",
@@ -365,29 +371,43 @@ class AbuseLab:
         return self.guest.closure([*helper, *(m.ko for m in modules)])
 
     def boot(
-        self, tag: str, init: str, modules: list[SoakModule], deps: list[ModuleFile], timeout: float
-    ) -> BootRecord:
+        self, tag: str, init: str, modules: list[SoakModule], deps: list[ModuleFile], timeout: float,
+        watch: Watcher | None = None,
+    ) -> BootRecord:  # fmt: skip
         initramfs = self._initramfs(init, modules, deps)
         # no_timer_check: a loaded TCG host can fail the IO-APIC timer check and panic at boot (seen here)
         outcome = boot_initramfs(self.config, initramfs, self.work / tag, tag, timeout=timeout,
-                                 append="no_timer_check " + self.config.append)
+                                 append="no_timer_check " + self.config.append, watch=watch)  # fmt: skip
         return parse_boot(outcome)
 
     def soak(
         self, mod: SoakModule, cycles: int, *, queue: tuple[int, int] | None, hold_ms: int = 150,
-        timeout: float = 3600.0, tolerate_known_bug_in_force: bool = False,
+        timeout: float = 3600.0, tolerate_known_bug_in_force: bool = False, stall_s: float = 900.0,
+        progress: bool = False,
     ) -> SoakResult:  # fmt: skip
         """``cycles`` load/unload cycles of ``mod`` under churn; ``queue`` is the module's own (base, count).
         Needs the helper.
         ``tolerate_known_bug_in_force``: the strategy only narrows the window (advance-confirm): the kernel's own
-        use-after-free while it is loaded is counted, not a failure."""
+        use-after-free while it is loaded is counted, not a failure.
+        Each cycle's record is streamed to ``soak-<module>.cycles.jsonl`` (in the config's logs dir, else the work
+        dir) as the guest reports it, with every kernel report and the step it came in; a guest with no new cycle
+        for ``stall_s`` seconds (or 180 s after a hang report) is stopped. ``progress``: a line on stderr every
+        10 cycles."""
         if self.helper is None:
             raise InputError("the soak needs its helper module (AbuseLab(helper=True))")
         deps = self.deps([mod])
         helper_queue = -1 if queue is not None else 0
         init = soak_init(mod, cycles, hold_ms, helper_queue, queue or (0, 1), deps, self.guest.release)
-        rec = self.boot(f"soak-{mod.name}", init, [mod], deps, timeout)
-        return SoakResult.of(mod.name, cycles, rec, tolerate_known_bug_in_force)
+        tag = f"soak-{mod.name}"
+        watch = SoakWatch((self.config.logs_dir or self.work) / f"{tag}.cycles.jsonl", mod.name, cycles,
+                          stall_s=stall_s, out=sys.stderr if progress else None)  # fmt: skip
+        rec = self.boot(tag, init, [mod], deps, timeout, watch)
+        r = SoakResult.of(mod.name, cycles, rec, tolerate_known_bug_in_force)
+        r.cycle_log = str(watch.path)
+        r.stopped = watch.stopped or r.stopped  # with the cycle and step it stopped after
+        watch.end({"completed": r.completed, "cycles": r.cycles, "reports": len(r.reports),
+                   "problems": r.problems})  # fmt: skip
+        return r
 
     def steps(
         self, tag: str, steps: list[tuple[str, SoakModule]], timeout: float = 600.0,
@@ -435,12 +455,16 @@ class SoakResult:
     lp_gone_ms_max: int = 0
     seconds: float = 0.0
     completed: bool = False
+    stopped: str = ""  # why the host stopped the guest (no progress), "" if it did not
+    cycle_log: str = ""  # the JSONL the cycles were streamed to
     errors: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
         p = []
-        if not self.completed:
+        if self.stopped:
+            p.append(f"stopped: {self.stopped}")
+        elif not self.completed:
             p.append("the boot did not complete")
         if self.cycles != self.cycles_planned:
             p.append(f"{self.cycles}/{self.cycles_planned} cycles")
@@ -470,6 +494,7 @@ class SoakResult:
     def of(module: str, cycles: int, rec: BootRecord, tolerate_known_bug_in_force: bool = False) -> SoakResult:
         r = SoakResult(module=module, cycles_planned=cycles, seconds=round(rec.outcome.seconds, 1))
         r.completed = rec.done
+        r.stopped = rec.outcome.stopped
         r.reports = rec.faults
         r.tolerate_known_bug_in_force = tolerate_known_bug_in_force
         r.in_force_windows = len(rec.in_force)
@@ -615,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kdir", type=Path)
     ap.add_argument("--hold-ms", type=int, default=150)
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per boot")
+    ap.add_argument("--stall", type=float, default=900.0,
+                    help="stop a boot that reports no cycle for this many seconds (180 s after a hang report)")
     args = ap.parse_args(argv)
     try:
         inputs = json.loads((args.out / "inputs.json").read_text())
@@ -635,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             for m in manifests:
                 queue = (m.queue_base, m.queue_count) if m.queue_base is not None else None
                 r = lab.soak(SoakModule.of(m), args.cycles, queue=queue, hold_ms=args.hold_ms, timeout=args.timeout,
-                             tolerate_known_bug_in_force=m.strategy == "advance-confirm")  # fmt: skip
+                             tolerate_known_bug_in_force=m.strategy == "advance-confirm", stall_s=args.stall,
+                             progress=True)  # fmt: skip
                 print(f"soak {m.strategy}: {r.cycles}/{r.cycles_planned} cycles, {r.datagrams_received}/"
                       f"{r.datagrams_sent} datagrams, reports {r.known_bug_unmitigated} unmitigated / "
                       f"{r.known_bug_in_force} in force / {len(r.other_reports)} other, {r.seconds} s: "
