@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nqgen.lab.qemu import QemuOutcome, Tail, run_watched
-from nqgen.lab.soak import MARK_OFF, MARK_ON, SoakResult, in_force_windows, parse_boot
+from nqgen.lab.soak import MARK_OFF, MARK_ON, SoakResult, in_force_windows, parse_boot, write_report
 from nqgen.lab.soakwatch import SoakWatch
 
 RULE = "=" * 66
@@ -148,3 +148,19 @@ def test_partial_lines_wait_for_their_end(tmp_path: Path) -> None:
     with f.open("a") as out:
         out.write('cle"}\n{"x"')
     assert t.read() == '{"type":"cycle"}\n'
+
+
+def test_runs_of_one_strategy_add_up_in_the_report(tmp_path: Path) -> None:
+    """``--strategy X`` runs one at a time into the same tree: the report keeps the strategies an earlier run left
+    and replaces the one re-run."""
+    first = SoakResult("nq_ftrace", 200, cycles=200, completed=True, host={"started": "2026-12-01 20:05:00 UTC"})
+    write_report(tmp_path, "6.1.0-57-amd64", 200, [first])
+    lp = SoakResult("nq_livepatch", 200, cycles=57, stopped="no cycle for 901 s")
+    write_report(tmp_path, "6.1.0-57-amd64", 200, [lp])
+    lp2 = SoakResult("nq_livepatch", 200, cycles=200, completed=True)
+    md = write_report(tmp_path, "6.1.0-57-amd64", 200, [lp2])
+    data = json.loads((tmp_path / "soak-6.1.0-57-amd64.json").read_text())
+    assert [(d["module"], d["cycles"]) for d in data["strategies"]] == [("nq_ftrace", 200), ("nq_livepatch", 200)]
+    assert data["strategies"][0]["host"]["started"].startswith("2026-12-01 20:05")
+    assert "| nq_livepatch | 200/200 |" in md and "| nq_ftrace | 200/200 |" in md
+    assert (tmp_path / "SOAK-6.1.0-57-amd64.md").read_text() == md

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shlex
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -401,10 +403,12 @@ class AbuseLab:
         tag = f"soak-{mod.name}"
         watch = SoakWatch((self.config.logs_dir or self.work) / f"{tag}.cycles.jsonl", mod.name, cycles,
                           stall_s=stall_s, out=sys.stderr if progress else None)  # fmt: skip
+        host: dict[str, Any] = {"started": _utc(), "load_start": _load(), "cpus": os.cpu_count()}
         rec = self.boot(tag, init, [mod], deps, timeout, watch)
         r = SoakResult.of(mod.name, cycles, rec, tolerate_known_bug_in_force)
         r.cycle_log = str(watch.path)
         r.stopped = watch.stopped or r.stopped  # with the cycle and step it stopped after
+        r.host = {**host, "ended": _utc(), "load_end": _load()}
         watch.end({"completed": r.completed, "cycles": r.cycles, "reports": len(r.reports),
                    "problems": r.problems})  # fmt: skip
         return r
@@ -457,6 +461,7 @@ class SoakResult:
     completed: bool = False
     stopped: str = ""  # why the host stopped the guest (no progress), "" if it did not
     cycle_log: str = ""  # the JSONL the cycles were streamed to
+    host: dict[str, Any] = field(default_factory=dict)  # when and under what host load it ran
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -558,6 +563,14 @@ class SoakResult:
         return {**asdict(self), "problems": self.problems}
 
 
+def _utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def make_lab(
     config: LabConfig, work_dir: Path | None = None, helper: bool = True
 ) -> tuple[AbuseLab, tempfile.TemporaryDirectory[str]]:
@@ -599,6 +612,9 @@ def shadow_modules_dir(modules_dir: Path, replace: dict[str, Path], dest: Path) 
 def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
     head = (
         f"# Soak: {cycles} load/unload cycles per strategy on {kernel}\n\n"
+        if all(r.cycles_planned == cycles for r in results)
+        else f"# Soak: load/unload cycles per strategy on {kernel}\n\n"
+    ) + (
         "Racing UDP (IPv4+IPv6) in chunks, netns churn with conntrack in every netns, an NFQUEUE consumer "
         "started and killed in a loop (queue with bypass), a ctnetlink listener. Losses are attributed to the "
         "traffic chunk they happened in: chunks overlapping a consumer exit (the kernel drops what a consumer "
@@ -607,8 +623,9 @@ def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
         "and any other report (Oops, WARNING, lockdep, other KASAN).\n\n"
         "| strategy | cycles | datagrams | lost: consumer exits / unloads / elsewhere | netns | "
         "reports: own UAF unmitigated / in force / other | "
-        "use count before/after | hooks, ftrace filters | conntrack drops | time (s) | problems |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "use count before/after | hooks, ftrace filters | conntrack drops | time (s) | ran (UTC), host load | "
+        "problems |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
@@ -618,9 +635,45 @@ def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
             f"{r.netns_created} | {r.known_bug_unmitigated} / {r.known_bug_in_force} / {len(r.other_reports)} | "
             f"{r.refcnt_before}/{r.refcnt_after} | "
             f"{'same' if r.hooks_same else 'DIFFER'}, {'same' if r.enabled_functions_same else 'DIFFER'} | "
-            f"{r.ct_delta.get('drop', '?')} | {r.seconds} | {'; '.join(r.problems) or 'none'} |"
+            f"{r.ct_delta.get('drop', '?')} | {r.seconds} | {_ran(r.host)} | {'; '.join(r.problems) or 'none'} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def _ran(host: dict[str, Any]) -> str:
+    if not host:
+        return "?"
+    loads = [*host.get("load_start", [])[:1], *host.get("load_end", [])[:1]]
+    started, ended = str(host.get("started", "?")), str(host.get("ended", "?"))
+    return f"{started[:16]} to {ended[11:16]}, load {' to '.join(map(str, loads))}"
+
+
+def result_of_dict(d: dict[str, Any]) -> SoakResult:
+    """A SoakResult back from its report entry (``to_dict``)."""
+    names = {f.name for f in fields(SoakResult)}
+    return SoakResult(**{k: v for k, v in d.items() if k in names})
+
+
+def write_report(out: Path, release: str, cycles: int, results: list[SoakResult]) -> str:
+    """Write ``soak-<release>.json`` and ``SOAK-<release>.md`` in ``out``: the strategies of this run, and those
+    an earlier run left there (one strategy at a time, e.g. ``--strategy``) that this run did not repeat."""
+    path = out / f"soak-{release}.json"
+    kept: list[SoakResult] = []
+    try:
+        old = json.loads(path.read_text())
+        if old.get("kernel") == release:
+            ran = {r.module for r in results}
+            kept = [result_of_dict(d) for d in old.get("strategies", []) if d.get("module") not in ran]
+    except (OSError, ValueError, TypeError, AttributeError):
+        kept = []
+    merged = kept + results
+    data = {"kernel": release, "cycles": cycles, "strategies": [r.to_dict() for r in merged]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    md = soak_markdown(merged, release, cycles)
+    (out / f"SOAK-{release}.md").write_text(md)
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -669,17 +722,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.known_bug_in_force} in force / {len(r.other_reports)} other, {r.seconds} s: "
                       f"{'; '.join(r.problems) or 'ok'}", file=sys.stderr, flush=True)  # fmt: skip
                 results.append(r)
+                write_report(args.out, image.release, args.cycles, results)  # each strategy as it ends
     except (OSError, KeyError, ValueError) as exc:
         print(f"nqgen soak: error: {exc}", file=sys.stderr)
         return 3
     except NqgenError as exc:
         print(f"nqgen soak: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    data = {"kernel": image.release, "cycles": args.cycles, "strategies": [r.to_dict() for r in results]}
     # one report per kernel: make soak runs the Debian kernel and the reference kernel on their own trees
-    (args.out / f"soak-{image.release}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out / f"SOAK-{image.release}.md").write_text(soak_markdown(results, image.release, args.cycles))
-    print(soak_markdown(results, image.release, args.cycles))
+    print(write_report(args.out, image.release, args.cycles, results))
     return 5 if any(r.problems for r in results) else 0
 
 
