@@ -31,6 +31,8 @@ class QemuConfig:
     # UEFI firmware as (code, variable store) pflash images, e.g. OVMF with a key in its db; None: SeaBIOS.
     # The variable store is written by the firmware: pass a copy.
     firmware: tuple[Path, Path] | None = None
+    # qemu's -accel: "tcg" runs one host thread per vCPU (MTTCG); "tcg,thread=single" runs every vCPU on one
+    accel: str = "tcg"
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
                     "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]  # fmt: skip
     return [
         cfg.qemu,
-        "-accel", "tcg",
+        "-accel", cfg.accel,
         "-cpu", CPU,
         "-smp", str(cfg.smp),
         "-m", cfg.memory,
