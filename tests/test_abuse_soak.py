@@ -107,7 +107,8 @@ def test_the_watch_streams_each_cycle_with_the_reports_and_the_step(tmp_path: Pa
     recs = _jsonl(log)
     assert [r["type"] for r in recs] == ["start", "cycle", "report", "report", "stopped"]
     assert recs[1]["c"] == 1 and recs[1]["host_s"] == 0.0
-    assert recs[2]["kind"] == "hang" and recs[2]["after_cycle"] == 1 and recs[2]["step"] == "nqsoak: cycle 2 disable"
+    assert recs[2]["kind"] == "hang" and recs[2]["after_cycle"] == 1 and recs[2]["in_cycle"] == 2
+    assert recs[2]["step"] == "nqsoak: cycle 2 disable"
     assert recs[4]["after_cycle"] == 1 and recs[4]["step"] == "nqsoak: cycle 2 disable"
     assert "after cycle 1/200, last step: nqsoak: cycle 2 disable" in w.stopped
 

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from .results import report_kind
 
 # the guest's per-step console markers ("nqsoak: cycle 12 load", "nqsoak: mitigation in force, cycle 12", ...)
-_STEP_RE = re.compile(r"^\[\s*(\d+\.\d+)\].*?(nqsoak: (?:mitigation (?:in force|going), )?cycle \d+.*)$")
+_STEP_RE = re.compile(r"^\[\s*(\d+\.\d+)\].*?(nqsoak: (?:mitigation (?:in force|going), )?cycle (\d+).*)$")
 
 
 def _now() -> str:
@@ -42,6 +42,7 @@ class SoakWatch:
     last_cycle: int = 0
     step: str = ""  # the last step marker on the console
     step_time: float | None = None  # its kernel time
+    step_cycle: int = 0  # the cycle it belongs to
     reports: int = 0
     hang_at: float | None = None  # host time of the first hang report since the last cycle
     stopped: str = ""
@@ -68,7 +69,7 @@ class SoakWatch:
         for line in console.replace("\r", "").splitlines():
             m = _STEP_RE.match(line)
             if m is not None:
-                self.step, self.step_time = m.group(2), float(m.group(1))
+                self.step, self.step_time, self.step_cycle = m.group(2), float(m.group(1)), int(m.group(3))
                 continue
             kind = report_kind(line)
             if kind is None or (kind == "panic" and self.reports):
@@ -76,10 +77,12 @@ class SoakWatch:
             self.reports += 1
             if kind == "hang" and self.hang_at is None:
                 self.hang_at = now
-            rec = {"type": "report", "kind": kind, "line": line.strip()[:300], "after_cycle": self.last_cycle,
-                   "step": self.step, "step_time": self.step_time, "host_s": self._elapsed()}  # fmt: skip
+            # in_cycle: the cycle of the last step marker before it (the guest's console is ahead of its records)
+            rec = {"type": "report", "kind": kind, "line": line.strip()[:300], "in_cycle": self.step_cycle,
+                   "after_cycle": self.last_cycle, "step": self.step, "step_time": self.step_time,
+                   "host_s": self._elapsed()}  # fmt: skip
             self._write(rec)
-            self._say(f"{kind} report after cycle {self.last_cycle} (step: {self.step or '-'}): {line.strip()[:160]}")
+            self._say(f"{kind} report in cycle {self.step_cycle} (step: {self.step or '-'}): {line.strip()[:160]}")
         for line in results.splitlines():
             line = line.strip()
             if not line.startswith("{"):
