@@ -33,6 +33,8 @@ class QemuConfig:
     firmware: tuple[Path, Path] | None = None
     # qemu's -accel: "tcg" runs one host thread per vCPU (MTTCG); "tcg,thread=single" runs every vCPU on one
     accel: str = "tcg"
+    # a human monitor on this unix socket (to read the vCPUs' registers and memory of a guest that hangs)
+    monitor: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def qemu_command(cfg: QemuConfig, console: Path, results: Path) -> list[str]:
         "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04",
         *(["-icount", f"shift={cfg.icount},sleep=off"] if cfg.icount is not None else []),
         *firmware,
+        *(["-monitor", f"unix:{cfg.monitor},server=on,wait=off"] if cfg.monitor is not None else []),
     ]
 
 
@@ -178,3 +181,28 @@ def boot(cfg: QemuConfig, workdir: Path, watch: Watcher | None = None, poll: flo
         qemu_output=out.decode(errors="replace")[-2000:],
         stopped=stopped,
     )
+
+
+def monitor_commands(socket_path: Path, commands: list[str], timeout: float = 20.0) -> str:
+    """Run human-monitor ``commands`` on a running qemu's ``-monitor unix:`` socket; their output, in order."""
+    import socket
+
+    out: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+
+        def until_prompt() -> str:
+            buf = b""
+            while not buf.endswith(b"(qemu) "):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf.decode(errors="replace")
+
+        until_prompt()
+        for cmd in commands:
+            sock.sendall(cmd.encode() + b"\n")
+            out.append(f"(qemu) {cmd}\n" + until_prompt().replace("\r", "").removesuffix("(qemu) "))
+    return "".join(out)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from .kernel import default_cache_dir, resolve_image
-from .qemu import QemuConfig, boot
+from .qemu import QemuConfig, boot, monitor_commands
 from .results import find_faults
 from .runner import LabConfig
 from .soak import _prologue, make_lab
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--function", default="nf_confirm")
     ap.add_argument("--single-thread", action="store_true", help="qemu -accel tcg,thread=single")
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--stall", type=float, default=90.0, help="no record for this long: dump the vCPUs and stop")
     ap.add_argument("--work", type=Path, required=True)
     args = ap.parse_args(argv)
     image = resolve_image(args.kernel, default_cache_dir())
@@ -70,16 +72,33 @@ def main(argv: list[str] | None = None) -> int:
         run = args.work / ("poke-single" if args.single_thread else "poke-mttcg")
         run.mkdir(parents=True, exist_ok=True)
         (run / "initrd.cpio").write_bytes(lab._initramfs(init, [], deps))
-        watch = SoakWatch(run / "poke.cycles.jsonl", f"poke-{args.function}", args.rounds, stall_s=600)
+        watch = SoakWatch(run / "poke.cycles.jsonl", f"poke-{args.function}", args.rounds, stall_s=args.stall)
+        mon = run / "monitor.sock"
         qc = QemuConfig(kernel=image.boot_path, initrd=run / "initrd.cpio", smp=2, memory=cfg.memory,
                         timeout=args.timeout, accel="tcg,thread=single" if args.single_thread else "tcg",
-                        append=("kasan_multi_shot " if image.kasan else "") + "no_timer_check")  # fmt: skip
-        outcome = boot(qc, run, watch)
+                        append=("kasan_multi_shot " if image.kasan else "") + "no_timer_check",
+                        monitor=mon)  # fmt: skip
+
+        def stuck(results: str, console: str) -> str | None:
+            """Before stopping a guest that stopped streaming: each vCPU's registers and the bytes at its RIP."""
+            reason = watch(results, console)
+            if reason is not None:
+                try:
+                    regs = monitor_commands(mon, ["info registers -a"])
+                    rips = re.findall(r"RIP=([0-9a-f]{16})", regs)
+                    cmds = [c for i, rip in enumerate(rips) for c in (f"cpu {i}", f"x/8xb 0x{rip}", f"x/3i 0x{rip}")]
+                    (run / "monitor.txt").write_text(regs + monitor_commands(mon, cmds))
+                except OSError as exc:
+                    (run / "monitor.txt").write_text(f"monitor: {exc}\n")
+            return reason
+
+        outcome = boot(qc, run, stuck)
     faults = find_faults(outcome.console)
     summary = {"accel": qc.accel, "rounds_done": watch.last_cycle, "toggles": watch.last_cycle * args.per,
                "rounds": args.rounds, "seconds": round(outcome.seconds, 1), "stopped": watch.stopped,
                "guest_exit": outcome.guest_exit, "reports": [f"{f.kind}: {f.title}" for f in faults],
-               "int3_loop": "kprobe_int3_handler" in outcome.console or "asm_exc_int3" in outcome.console}  # fmt: skip
+               "int3_loop": "kprobe_int3_handler" in outcome.console or "asm_exc_int3" in outcome.console,
+               "monitor": str(run / "monitor.txt") if (run / "monitor.txt").exists() else ""}  # fmt: skip
     watch.end(summary)
     print(json.dumps(summary, indent=2))
     return 0 if outcome.guest_exit == 0 and not faults else 5
