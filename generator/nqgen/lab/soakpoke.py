@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     regs = monitor_commands(mon, ["info registers -a"])
                     rips = re.findall(r"RIP=([0-9a-f]{16})", regs)
-                    cmds = [c for i, rip in enumerate(rips) for c in (f"cpu {i}", f"x/8xb 0x{rip}", f"x/3i 0x{rip}")]
+                    rsps = re.findall(r"RSP=([0-9a-f]{16})", regs)
+                    # the stack's first words: at an exception entry, the trapped RIP, CS and RFLAGS
+                    cmds = [c for i, (rip, rsp) in enumerate(zip(rips, rsps, strict=False))
+                            for c in (f"cpu {i}", f"x/8xb 0x{rip}", f"x/3i 0x{rip}", f"x/8gx 0x{rsp}")]  # fmt: skip
                     (run / "monitor.txt").write_text(regs + monitor_commands(mon, cmds))
                 except OSError as exc:
                     (run / "monitor.txt").write_text(f"monitor: {exc}\n")
