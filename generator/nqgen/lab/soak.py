@@ -144,16 +144,17 @@ def soak_init(
         'echo "{\\"type\\":\\"chunk\\",\\"i\\":$i,\\"start\\":$s,\\"end\\":$e}" >> /tmp/chunks.jsonl; '
         "cat /tmp/t.json >> /tmp/chunks.jsonl; i=$((i + 1)); done ) &",
         "TR=$!",
-        # netns churn: each new netns gets conntrack (nqsoak_ct's pernet init) and a little racing traffic
+        # netns churn: each new netns gets conntrack (nqsoak_ct's pernet init) and a little racing traffic; the
+        # count is replaced by a rename, so a cycle record reading it never sees it truncated (one did: "netns":,)
         "( n=0; while [ ! -e /tmp/stop ]; do unshare -n /bin/sh -c 'ip link set lo up; "
         "/bin/nq_udprace -r 4 -t 2 -f 46 -p 6000 -s 40000 -w 200 -n ns > /dev/null 2>&1'; n=$((n + 1)); "
-        "echo $n > /tmp/ns.count; done ) &",
+        "echo $n > /tmp/ns.tmp; mv /tmp/ns.tmp /tmp/ns.count; done ) &",
         "NS=$!",
         # an NFQUEUE consumer that comes and goes (the queue has the bypass flag)
         f"( q=0; while [ ! -e /tmp/stop ]; do /bin/nq_queue -b {qb} -c {qc} -d 200 > /dev/null 2>&1 & QP=$!; "
         "usleep 700000; k=$(up); kill -TERM $QP; wait $QP; "
         'echo "{\\"type\\":\\"consumer_exit\\",\\"start\\":$k,\\"end\\":$(up)}" >> /tmp/exits.jsonl; '
-        "q=$((q + 1)); echo $q > /tmp/q.count; usleep 300000; done ) &",
+        "q=$((q + 1)); echo $q > /tmp/q.tmp; mv /tmp/q.tmp /tmp/q.count; usleep 300000; done ) &",
         "QL=$!",
         "usleep 500000",
         "c=0",
