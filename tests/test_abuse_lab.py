@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -148,6 +149,11 @@ def test_short_soak(debian: DebianKernel, generated: dict[str, Manifest], strate
     r = lab.soak(SoakModule.of(m), SOAK_CYCLES, queue=queue)
     assert not r.problems, r.to_dict()
     assert r.cycles == SOAK_CYCLES and r.netns_created > 0 and r.consumer_exits > 0 and r.datagrams_sent > 0
+    # every cycle was streamed to the host's cycle log as it ended, then the summary
+    log = [json.loads(line) for line in Path(r.cycle_log).read_text().splitlines()]
+    assert [x["c"] for x in log if x["type"] == "cycle"] == list(range(1, SOAK_CYCLES + 1))
+    assert all(x["rmmod_rc"] == 0 and x["load_rc"] == 0 for x in log if x["type"] == "cycle")
+    assert log[0]["type"] == "start" and log[-1]["type"] == "end" and log[-1]["completed"]
 
 
 @pytest.mark.parametrize("strategy", ["advance-confirm", "advance-confirm-corrected"])

@@ -585,6 +585,12 @@ def find_panic(console: str) -> str:
     return ""
 
 
+def report_kind(console_line: str) -> str | None:
+    """The kind of kernel report a console line starts (KASAN, WARNING, hang, ...), None if it starts none."""
+    ts = _TS_VALUE_RE.match(console_line)
+    return _classify(console_line[ts.end() :] if ts else console_line)
+
+
 def find_faults(console: str) -> list[Fault]:
     """Every kernel report on the console, with its text, title and top stack frames."""
     faults: list[Fault] = []

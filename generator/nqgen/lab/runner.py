@@ -26,7 +26,7 @@ from .initramfs import Cpio
 from .kernel import KernelImage
 from .manifest import Manifest
 from .modtree import ModuleFile, ModuleTree, modinfo, modinfo_depends, modinfo_softdeps, read_module
-from .qemu import QemuConfig, QemuOutcome, boot
+from .qemu import QemuConfig, QemuOutcome, Watcher, boot
 from .results import RunResult, apply_results, find_faults, find_panic
 
 LAB_ROOTS = ("nf_conntrack", "nf_conntrack_netlink", "nfnetlink_queue")
@@ -323,10 +323,11 @@ def boot_initramfs(
     timeout: float | None = None,
     append: str | None = None,
     icount: int | None = None,
+    watch: Watcher | None = None,
 ) -> QemuOutcome:
     """Boot ``config``'s kernel once with ``initramfs`` (kept as ``run_dir/initrd.cpio``). ``smp``, ``timeout``
-    and ``append`` replace the config's; ``icount`` runs qemu with ``-icount``; a KASAN kernel also gets
-    ``kasan_multi_shot``. The console and the
+    and ``append`` replace the config's; ``icount`` runs qemu with ``-icount``; ``watch`` sees the guest's output
+    while it runs (``qemu.boot``); a KASAN kernel also gets ``kasan_multi_shot``. The console and the
     result lines are copied to ``config.logs_dir`` as ``<log_tag>.console.log`` and ``<log_tag>.results.jsonl``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     initrd = run_dir / "initrd.cpio"
@@ -343,6 +344,7 @@ def boot_initramfs(
             icount=icount,
         ),
         run_dir,
+        watch,
     )
     if config.logs_dir is not None:
         config.logs_dir.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shlex
+import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,10 @@ from .guest import _PRELUDE, RESULT_TTY
 from .initramfs import Cpio
 from .manifest import Manifest
 from .modtree import ModuleFile
-from .qemu import QemuOutcome
+from .qemu import QemuOutcome, Watcher
 from .results import Fault, find_faults, parse_ct_stat
 from .runner import DEVICE_NODES, Guest, LabConfig, boot_initramfs
+from .soakwatch import SoakWatch
 
 SOAK_HELPER = "nqsoak_ct"
 MARK_ON = "nqsoak: mitigation in force, cycle"  # written to /dev/kmsg once loaded (livepatch: transition done)
@@ -67,6 +71,8 @@ lp_gone() {
 	while [ -e "$1" ] && [ $i -lt 600 ]; do usleep 50000; i=$((i + 1)); done
 	echo $((i * 50))
 }
+# a step of the current cycle on the console (kernel log): a guest that hangs shows where
+mark() { echo "nqsoak: cycle ${c:-0} $1" > /dev/kmsg; }
 """
 
 
@@ -99,10 +105,10 @@ def _unload_cmd(m: SoakModule) -> str:
     if m.livepatch:
         lp = f"/sys/kernel/livepatch/{m.name}"
         return (
-            f'DRC=0; LPW=0; if [ -e {lp} ]; then echo 0 > {lp}/enabled 2>>/tmp/err; DRC=$?; LPW=$(lp_gone {lp}); fi; '
-            f"rmmod {m.name} 2>>/tmp/err; RRC=$?"
+            f"DRC=0; LPW=0; if [ -e {lp} ]; then mark disable; echo 0 > {lp}/enabled 2>>/tmp/err; DRC=$?; "
+            f"LPW=$(lp_gone {lp}); fi; mark rmmod; rmmod {m.name} 2>>/tmp/err; RRC=$?"
         )
-    return f"DRC=0; LPW=0; rmmod {m.name} 2>>/tmp/err; RRC=$?"
+    return f"DRC=0; LPW=0; mark rmmod; rmmod {m.name} 2>>/tmp/err; RRC=$?"
 
 
 def _prologue(helper_params: str | None, deps: list[ModuleFile], release: str) -> list[str]:
@@ -138,21 +144,23 @@ def soak_init(
         'echo "{\\"type\\":\\"chunk\\",\\"i\\":$i,\\"start\\":$s,\\"end\\":$e}" >> /tmp/chunks.jsonl; '
         "cat /tmp/t.json >> /tmp/chunks.jsonl; i=$((i + 1)); done ) &",
         "TR=$!",
-        # netns churn: each new netns gets conntrack (nqsoak_ct's pernet init) and a little racing traffic
+        # netns churn: each new netns gets conntrack (nqsoak_ct's pernet init) and a little racing traffic; the
+        # count is replaced by a rename, so a cycle record reading it never sees it truncated (one did: "netns":,)
         "( n=0; while [ ! -e /tmp/stop ]; do unshare -n /bin/sh -c 'ip link set lo up; "
         "/bin/nq_udprace -r 4 -t 2 -f 46 -p 6000 -s 40000 -w 200 -n ns > /dev/null 2>&1'; n=$((n + 1)); "
-        "echo $n > /tmp/ns.count; done ) &",
+        "echo $n > /tmp/ns.tmp; mv /tmp/ns.tmp /tmp/ns.count; done ) &",
         "NS=$!",
         # an NFQUEUE consumer that comes and goes (the queue has the bypass flag)
         f"( q=0; while [ ! -e /tmp/stop ]; do /bin/nq_queue -b {qb} -c {qc} -d 200 > /dev/null 2>&1 & QP=$!; "
         "usleep 700000; k=$(up); kill -TERM $QP; wait $QP; "
-        'echo "{\\"type\\":\\"consumer_exit\\",\\"start\\":$k,\\"end\\":$(up)}" >> /tmp/cycles.jsonl; '
-        "q=$((q + 1)); echo $q > /tmp/q.count; usleep 300000; done ) &",
+        'echo "{\\"type\\":\\"consumer_exit\\",\\"start\\":$k,\\"end\\":$(up)}" >> /tmp/exits.jsonl; '
+        "q=$((q + 1)); echo $q > /tmp/q.tmp; mv /tmp/q.tmp /tmp/q.count; usleep 300000; done ) &",
         "QL=$!",
         "usleep 500000",
         "c=0",
         f"while [ $c -lt {cycles} ]; do",
         "\tc=$((c + 1)); : > /tmp/err; s=$(up)",
+        "\tmark load",
         f"\t{_load_cmd(mod)} 2>>/tmp/err; LRC=$?",
         f"\t{wait_enable}",
         # markers in the kernel log: a report between these two lines came while the mitigation was in force
@@ -162,11 +170,12 @@ def soak_init(
         "\tu=$(up)",
         f"\t{_unload_cmd(mod)}",
         "\te=$(up)",
-        "\tdmesg -c > /tmp/kmsg",
-        '\techo "{\\"type\\":\\"cycle\\",\\"c\\":$c,\\"start\\":$s,\\"unload\\":$u,\\"end\\":$e,\\"load_rc\\":$LRC,'
+        "\tmark done",
+        "\tdmesg -c > /dev/null",
+        # streamed: the host sees each cycle as it ends (and how far a guest that dies got)
+        '\temit "{\\"type\\":\\"cycle\\",\\"c\\":$c,\\"start\\":$s,\\"unload\\":$u,\\"end\\":$e,\\"load_rc\\":$LRC,'
         '\\"lp_enable_ms\\":$LPE,\\"disable_rc\\":$DRC,\\"lp_gone_ms\\":$LPW,\\"rmmod_rc\\":$RRC,'
-        '\\"err_b64\\":\\"$(b64 /tmp/err)\\"}" >> /tmp/cycles.jsonl',
-        "\tcat /tmp/kmsg >> /tmp/kmsg.all",
+        '\\"netns\\":$(cat /tmp/ns.count 2>/dev/null || echo 0),\\"err_b64\\":\\"$(b64 /tmp/err)\\"}"',
         "done",
         "touch /tmp/stop",
         "wait $TR; wait $NS; wait $QL",
@@ -175,7 +184,7 @@ def soak_init(
         'emit "{\\"type\\":\\"churn\\",\\"netns\\":$(cat /tmp/ns.count 2>/dev/null || echo 0),'
         '\\"queue_consumers\\":$(cat /tmp/q.count 2>/dev/null || echo 0)}"',
         "kill -TERM $EV; wait $EV",
-        "cat /tmp/cycles.jsonl > $R",
+        "cat /tmp/exits.jsonl > $R",
         "cat /tmp/chunks.jsonl > $R",
         "cat /tmp/ev.json > $R",
         f"finish {EXIT_DONE}",
@@ -365,29 +374,45 @@ class AbuseLab:
         return self.guest.closure([*helper, *(m.ko for m in modules)])
 
     def boot(
-        self, tag: str, init: str, modules: list[SoakModule], deps: list[ModuleFile], timeout: float
-    ) -> BootRecord:
+        self, tag: str, init: str, modules: list[SoakModule], deps: list[ModuleFile], timeout: float,
+        watch: Watcher | None = None,
+    ) -> BootRecord:  # fmt: skip
         initramfs = self._initramfs(init, modules, deps)
         # no_timer_check: a loaded TCG host can fail the IO-APIC timer check and panic at boot (seen here)
         outcome = boot_initramfs(self.config, initramfs, self.work / tag, tag, timeout=timeout,
-                                 append="no_timer_check " + self.config.append)
+                                 append="no_timer_check " + self.config.append, watch=watch)  # fmt: skip
         return parse_boot(outcome)
 
     def soak(
         self, mod: SoakModule, cycles: int, *, queue: tuple[int, int] | None, hold_ms: int = 150,
-        timeout: float = 3600.0, tolerate_known_bug_in_force: bool = False,
+        timeout: float = 3600.0, tolerate_known_bug_in_force: bool = False, stall_s: float = 900.0,
+        progress: bool = False,
     ) -> SoakResult:  # fmt: skip
         """``cycles`` load/unload cycles of ``mod`` under churn; ``queue`` is the module's own (base, count).
         Needs the helper.
         ``tolerate_known_bug_in_force``: the strategy only narrows the window (advance-confirm): the kernel's own
-        use-after-free while it is loaded is counted, not a failure."""
+        use-after-free while it is loaded is counted, not a failure.
+        Each cycle's record is streamed to ``soak-<module>.cycles.jsonl`` (in the config's logs dir, else the work
+        dir) as the guest reports it, with every kernel report and the step it came in; a guest with no new cycle
+        for ``stall_s`` seconds (or 180 s after a hang report) is stopped. ``progress``: a line on stderr every
+        10 cycles."""
         if self.helper is None:
             raise InputError("the soak needs its helper module (AbuseLab(helper=True))")
         deps = self.deps([mod])
         helper_queue = -1 if queue is not None else 0
         init = soak_init(mod, cycles, hold_ms, helper_queue, queue or (0, 1), deps, self.guest.release)
-        rec = self.boot(f"soak-{mod.name}", init, [mod], deps, timeout)
-        return SoakResult.of(mod.name, cycles, rec, tolerate_known_bug_in_force)
+        tag = f"soak-{mod.name}"
+        watch = SoakWatch((self.config.logs_dir or self.work) / f"{tag}.cycles.jsonl", mod.name, cycles,
+                          stall_s=stall_s, out=sys.stderr if progress else None)  # fmt: skip
+        host: dict[str, Any] = {"started": _utc(), "load_start": _load(), "cpus": os.cpu_count()}
+        rec = self.boot(tag, init, [mod], deps, timeout, watch)
+        r = SoakResult.of(mod.name, cycles, rec, tolerate_known_bug_in_force)
+        r.cycle_log = str(watch.path)
+        r.stopped = watch.stopped or r.stopped  # with the cycle and step it stopped after
+        r.host = {**host, "ended": _utc(), "load_end": _load()}
+        watch.end({"completed": r.completed, "cycles": r.cycles, "reports": len(r.reports),
+                   "problems": r.problems})  # fmt: skip
+        return r
 
     def steps(
         self, tag: str, steps: list[tuple[str, SoakModule]], timeout: float = 600.0,
@@ -435,12 +460,17 @@ class SoakResult:
     lp_gone_ms_max: int = 0
     seconds: float = 0.0
     completed: bool = False
+    stopped: str = ""  # why the host stopped the guest (no progress), "" if it did not
+    cycle_log: str = ""  # the JSONL the cycles were streamed to
+    host: dict[str, Any] = field(default_factory=dict)  # when and under what host load it ran
     errors: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
         p = []
-        if not self.completed:
+        if self.stopped:
+            p.append(f"stopped: {self.stopped}")
+        elif not self.completed:
             p.append("the boot did not complete")
         if self.cycles != self.cycles_planned:
             p.append(f"{self.cycles}/{self.cycles_planned} cycles")
@@ -470,6 +500,7 @@ class SoakResult:
     def of(module: str, cycles: int, rec: BootRecord, tolerate_known_bug_in_force: bool = False) -> SoakResult:
         r = SoakResult(module=module, cycles_planned=cycles, seconds=round(rec.outcome.seconds, 1))
         r.completed = rec.done
+        r.stopped = rec.outcome.stopped
         r.reports = rec.faults
         r.tolerate_known_bug_in_force = tolerate_known_bug_in_force
         r.in_force_windows = len(rec.in_force)
@@ -533,6 +564,14 @@ class SoakResult:
         return {**asdict(self), "problems": self.problems}
 
 
+def _utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def make_lab(
     config: LabConfig, work_dir: Path | None = None, helper: bool = True
 ) -> tuple[AbuseLab, tempfile.TemporaryDirectory[str]]:
@@ -574,6 +613,9 @@ def shadow_modules_dir(modules_dir: Path, replace: dict[str, Path], dest: Path) 
 def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
     head = (
         f"# Soak: {cycles} load/unload cycles per strategy on {kernel}\n\n"
+        if all(r.cycles_planned == cycles for r in results)
+        else f"# Soak: load/unload cycles per strategy on {kernel}\n\n"
+    ) + (
         "Racing UDP (IPv4+IPv6) in chunks, netns churn with conntrack in every netns, an NFQUEUE consumer "
         "started and killed in a loop (queue with bypass), a ctnetlink listener. Losses are attributed to the "
         "traffic chunk they happened in: chunks overlapping a consumer exit (the kernel drops what a consumer "
@@ -582,8 +624,9 @@ def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
         "and any other report (Oops, WARNING, lockdep, other KASAN).\n\n"
         "| strategy | cycles | datagrams | lost: consumer exits / unloads / elsewhere | netns | "
         "reports: own UAF unmitigated / in force / other | "
-        "use count before/after | hooks, ftrace filters | conntrack drops | time (s) | problems |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "use count before/after | hooks, ftrace filters | conntrack drops | time (s) | ran (UTC), host load | "
+        "problems |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
@@ -593,9 +636,45 @@ def soak_markdown(results: list[SoakResult], kernel: str, cycles: int) -> str:
             f"{r.netns_created} | {r.known_bug_unmitigated} / {r.known_bug_in_force} / {len(r.other_reports)} | "
             f"{r.refcnt_before}/{r.refcnt_after} | "
             f"{'same' if r.hooks_same else 'DIFFER'}, {'same' if r.enabled_functions_same else 'DIFFER'} | "
-            f"{r.ct_delta.get('drop', '?')} | {r.seconds} | {'; '.join(r.problems) or 'none'} |"
+            f"{r.ct_delta.get('drop', '?')} | {r.seconds} | {_ran(r.host)} | {'; '.join(r.problems) or 'none'} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def _ran(host: dict[str, Any]) -> str:
+    if not host:
+        return "?"
+    loads = [*host.get("load_start", [])[:1], *host.get("load_end", [])[:1]]
+    started, ended = str(host.get("started", "?")), str(host.get("ended", "?"))
+    return f"{started[:16]} to {ended[11:16]}, load {' to '.join(map(str, loads))}"
+
+
+def result_of_dict(d: dict[str, Any]) -> SoakResult:
+    """A SoakResult back from its report entry (``to_dict``)."""
+    names = {f.name for f in fields(SoakResult)}
+    return SoakResult(**{k: v for k, v in d.items() if k in names})
+
+
+def write_report(out: Path, release: str, cycles: int, results: list[SoakResult]) -> str:
+    """Write ``soak-<release>.json`` and ``SOAK-<release>.md`` in ``out``: the strategies of this run, and those
+    an earlier run left there (one strategy at a time, e.g. ``--strategy``) that this run did not repeat."""
+    path = out / f"soak-{release}.json"
+    kept: list[SoakResult] = []
+    try:
+        old = json.loads(path.read_text())
+        if old.get("kernel") == release:
+            ran = {r.module for r in results}
+            kept = [result_of_dict(d) for d in old.get("strategies", []) if d.get("module") not in ran]
+    except (OSError, ValueError, TypeError, AttributeError):
+        kept = []
+    merged = kept + results
+    data = {"kernel": release, "cycles": cycles, "strategies": [r.to_dict() for r in merged]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    md = soak_markdown(merged, release, cycles)
+    (out / f"SOAK-{release}.md").write_text(md)
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -616,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold-ms", type=int, default=150)
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per boot")
     ap.add_argument("--force", action="store_true", help="use --out even when it is a link or not nqgen's")
+    ap.add_argument("--stall", type=float, default=900.0,
+                    help="stop a boot that reports no cycle for this many seconds (180 s after a hang report)")
     args = ap.parse_args(argv)
     try:
         from ..generate import check_generated
@@ -639,23 +720,22 @@ def main(argv: list[str] | None = None) -> int:
             for m in manifests:
                 queue = (m.queue_base, m.queue_count) if m.queue_base is not None else None
                 r = lab.soak(SoakModule.of(m), args.cycles, queue=queue, hold_ms=args.hold_ms, timeout=args.timeout,
-                             tolerate_known_bug_in_force=m.strategy == "advance-confirm")  # fmt: skip
+                             tolerate_known_bug_in_force=m.strategy == "advance-confirm", stall_s=args.stall,
+                             progress=True)  # fmt: skip
                 print(f"soak {m.strategy}: {r.cycles}/{r.cycles_planned} cycles, {r.datagrams_received}/"
                       f"{r.datagrams_sent} datagrams, reports {r.known_bug_unmitigated} unmitigated / "
                       f"{r.known_bug_in_force} in force / {len(r.other_reports)} other, {r.seconds} s: "
                       f"{'; '.join(r.problems) or 'ok'}", file=sys.stderr, flush=True)  # fmt: skip
                 results.append(r)
+                write_report(args.out, image.release, args.cycles, results)  # each strategy as it ends
     except (OSError, KeyError, ValueError) as exc:
         print(f"nqgen soak: error: {exc}", file=sys.stderr)
         return 3
     except NqgenError as exc:
         print(f"nqgen soak: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    data = {"kernel": image.release, "cycles": args.cycles, "strategies": [r.to_dict() for r in results]}
     # one report per kernel: make soak runs the Debian kernel and the reference kernel on their own trees
-    (args.out / f"soak-{image.release}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (args.out / f"SOAK-{image.release}.md").write_text(soak_markdown(results, image.release, args.cycles))
-    print(soak_markdown(results, image.release, args.cycles))
+    print(write_report(args.out, image.release, args.cycles, results))
     return 5 if any(r.problems for r in results) else 0
 
 
