@@ -324,9 +324,11 @@ def boot_initramfs(
     append: str | None = None,
     icount: int | None = None,
     watch: Watcher | None = None,
+    accel: str = "tcg",
 ) -> QemuOutcome:
     """Boot ``config``'s kernel once with ``initramfs`` (kept as ``run_dir/initrd.cpio``). ``smp``, ``timeout``
-    and ``append`` replace the config's; ``icount`` runs qemu with ``-icount``; ``watch`` sees the guest's output
+    and ``append`` replace the config's; ``icount`` runs qemu with ``-icount``; ``accel`` is qemu's ``-accel``
+    (``tcg,thread=single``: every vCPU on one host thread); ``watch`` sees the guest's output
     while it runs (``qemu.boot``); a KASAN kernel also gets ``kasan_multi_shot``. The console and the
     result lines are copied to ``config.logs_dir`` as ``<log_tag>.console.log`` and ``<log_tag>.results.jsonl``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,6 +344,7 @@ def boot_initramfs(
             timeout=config.timeout if timeout is None else timeout,
             append=("kasan_multi_shot " if config.kernel.kasan else "") + cmdline,
             icount=icount,
+            accel=accel,
         ),
         run_dir,
         watch,

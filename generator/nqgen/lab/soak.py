@@ -375,18 +375,19 @@ class AbuseLab:
 
     def boot(
         self, tag: str, init: str, modules: list[SoakModule], deps: list[ModuleFile], timeout: float,
-        watch: Watcher | None = None,
+        watch: Watcher | None = None, accel: str = "tcg",
     ) -> BootRecord:  # fmt: skip
         initramfs = self._initramfs(init, modules, deps)
         # no_timer_check: a loaded TCG host can fail the IO-APIC timer check and panic at boot (seen here)
         outcome = boot_initramfs(self.config, initramfs, self.work / tag, tag, timeout=timeout,
-                                 append="no_timer_check " + self.config.append, watch=watch)  # fmt: skip
+                                 append="no_timer_check " + self.config.append, watch=watch,
+                                 accel=accel)  # fmt: skip
         return parse_boot(outcome)
 
     def soak(
         self, mod: SoakModule, cycles: int, *, queue: tuple[int, int] | None, hold_ms: int = 150,
         timeout: float = 3600.0, tolerate_known_bug_in_force: bool = False, stall_s: float = 900.0,
-        progress: bool = False,
+        progress: bool = False, accel: str = "tcg",
     ) -> SoakResult:  # fmt: skip
         """``cycles`` load/unload cycles of ``mod`` under churn; ``queue`` is the module's own (base, count).
         Needs the helper.
@@ -395,7 +396,8 @@ class AbuseLab:
         Each cycle's record is streamed to ``soak-<module>.cycles.jsonl`` (in the config's logs dir, else the work
         dir) as the guest reports it, with every kernel report and the step it came in; a guest with no new cycle
         for ``stall_s`` seconds (or 180 s after a hang report) is stopped. ``progress``: a line on stderr every
-        10 cycles."""
+        10 cycles. ``accel``: qemu's ``-accel`` (``tcg,thread=single`` avoids multi-threaded TCG's stale-int3
+        hang, see the README's soak section, at the price of interleaving the vCPUs on one host thread)."""
         if self.helper is None:
             raise InputError("the soak needs its helper module (AbuseLab(helper=True))")
         deps = self.deps([mod])
@@ -405,7 +407,7 @@ class AbuseLab:
         watch = SoakWatch((self.config.logs_dir or self.work) / f"{tag}.cycles.jsonl", mod.name, cycles,
                           stall_s=stall_s, out=sys.stderr if progress else None)  # fmt: skip
         host: dict[str, Any] = {"started": _utc(), "load_start": _load(), "cpus": os.cpu_count()}
-        rec = self.boot(tag, init, [mod], deps, timeout, watch)
+        rec = self.boot(tag, init, [mod], deps, timeout, watch, accel)
         r = SoakResult.of(mod.name, cycles, rec, tolerate_known_bug_in_force)
         r.cycle_log = str(watch.path)
         r.stopped = watch.stopped or r.stopped  # with the cycle and step it stopped after
@@ -697,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="use --out even when it is a link or not nqgen's")
     ap.add_argument("--stall", type=float, default=900.0,
                     help="stop a boot that reports no cycle for this many seconds (180 s after a hang report)")
+    ap.add_argument("--accel", default="tcg", choices=("tcg", "tcg,thread=single"),
+                    help="qemu -accel; tcg,thread=single runs every vCPU on one host thread")
     args = ap.parse_args(argv)
     try:
         from ..generate import check_generated
@@ -721,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
                 queue = (m.queue_base, m.queue_count) if m.queue_base is not None else None
                 r = lab.soak(SoakModule.of(m), args.cycles, queue=queue, hold_ms=args.hold_ms, timeout=args.timeout,
                              tolerate_known_bug_in_force=m.strategy == "advance-confirm", stall_s=args.stall,
-                             progress=True)  # fmt: skip
+                             progress=True, accel=args.accel)  # fmt: skip
                 print(f"soak {m.strategy}: {r.cycles}/{r.cycles_planned} cycles, {r.datagrams_received}/"
                       f"{r.datagrams_sent} datagrams, reports {r.known_bug_unmitigated} unmitigated / "
                       f"{r.known_bug_in_force} in force / {len(r.other_reports)} other, {r.seconds} s: "
