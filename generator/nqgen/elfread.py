@@ -449,18 +449,23 @@ def _entry(image: ElfImage, index: int) -> Symbol:
     return image._table.entry(index)
 
 
-def _relocations_for(image: ElfImage, target_index: int) -> Iterator[Reloc]:
-    nsyms = image._table.count if image._table is not None else 0
+def _rela_sections(image: ElfImage, target_index: int) -> Iterator[tuple[str, bytes]]:
+    """Name and raw entries of every SHT_RELA section that relocates section ``target_index``, size checked."""
     for sec in image._sections:
         if sec.type != SHT_RELA or sec.info != target_index:
             continue
         if sec.size % _RELA.size:
             raise ElfFormatError(f"{image.path}: malformed relocation section {sec.name}")
-        raw = image._data[sec.offset : sec.offset + sec.size]
+        yield sec.name, image._data[sec.offset : sec.offset + sec.size]
+
+
+def _relocations_for(image: ElfImage, target_index: int) -> Iterator[Reloc]:
+    nsyms = image._table.count if image._table is not None else 0
+    for name, raw in _rela_sections(image, target_index):
         for r_offset, r_info, addend in _RELA.iter_unpack(raw):
             symidx = r_info >> 32
             if symidx == 0 or symidx > nsyms:
-                raise ElfFormatError(f"{image.path}: {sec.name}: relocation names symbol {symidx} of {nsyms}")
+                raise ElfFormatError(f"{image.path}: {name}: relocation names symbol {symidx} of {nsyms}")
             yield Reloc(r_offset, r_info & 0xFFFFFFFF, _entry(image, symidx - 1), addend)
 
 
@@ -473,16 +478,11 @@ def _relocated_symbols(image: ElfImage, target_index: int) -> Iterator[Symbol]:
         return
     table = image._table
     strings = image.sections.index("__ksymtab_strings") if "__ksymtab_strings" in image.sections else -1
-    for sec in image._sections:
-        if sec.type != SHT_RELA or sec.info != target_index:
-            continue
-        if sec.size % _RELA.size:
-            raise ElfFormatError(f"{image.path}: malformed relocation section {sec.name}")
-        raw = image._data[sec.offset : sec.offset + sec.size]
+    for name, raw in _rela_sections(image, target_index):
         for r_info in memoryview(raw).cast("Q")[1 :: _RELA.size // 8]:
             symidx = r_info >> 32
             if symidx == 0 or symidx > table.count:
-                raise ElfFormatError(f"{image.path}: {sec.name}: relocation names symbol {symidx} of {table.count}")
+                raise ElfFormatError(f"{image.path}: {name}: relocation names symbol {symidx} of {table.count}")
             _name, info, _other, shndx = struct.unpack_from("<IBBH", image._data, table.lo + (symidx - 1) * _SYM.size)
             if info & 0xF != 3 and shndx != strings:  # (STT_SECTION; the checked table has no bad shndx)
                 yield table.entry(symidx - 1)
